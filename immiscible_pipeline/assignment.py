@@ -1,0 +1,164 @@
+"""`ImmiscibleNoise`: one call that gives a training loop noise re-paired with its batch.
+
+    imm = ImmiscibleNoise(method="linear")
+    noise = imm(latents)                    # instead of torch.randn_like(latents)
+
+Tensors in, tensors out: no files, no Accelerate (see `distributed.py` for the global batch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .knn import knn_noise, knn_noise_reference
+from .linear_assignment import COST_DTYPES, SOLVERS, assignment_permutation, pairwise_l2
+
+METHODS = ("none", "linear", "knn")
+KNN_SAMPLERS = ("fast", "reference")
+
+
+@dataclass
+class AssignmentStats:
+    """What the last call did. Distances are mean L2 between x0_i and its noise, per sample."""
+
+    method: str
+    batch_size: int
+    mean_distance_before: float
+    mean_distance_after: float
+    relative_reduction: float  # 1 - after / before
+    time_ms: float
+    noop: bool = False  # True when nothing could be re-paired (linear with B = 1 or all groups singletons)
+
+    def as_dict(self, prefix: str = "immiscible/") -> dict:
+        """Numbers only, ready for `accelerator.log`."""
+        return {f"{prefix}{key}": float(value) for key, value in asdict(self).items() if key != "method"}
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def as_group_tensor(groups, batch_size: int) -> torch.Tensor:
+    """Labels of any kind (tensor, ints, strings) as a CPU int64 tensor of length `batch_size`."""
+    if isinstance(groups, torch.Tensor):
+        labels = groups.detach().cpu().reshape(-1) if groups.dim() <= 1 else groups.detach().cpu()
+        if labels.dim() != 1:
+            raise ValueError(f"groups must be one label per sample (1-D), got shape {tuple(groups.shape)}")
+    else:
+        groups = list(groups)
+        codes = {label: i for i, label in enumerate(dict.fromkeys(groups))}
+        labels = torch.tensor([codes[label] for label in groups], dtype=torch.int64)
+    if labels.numel() != batch_size:
+        raise ValueError(f"groups has {labels.numel()} labels but the batch has {batch_size} samples")
+    return labels
+
+
+class ImmiscibleNoise:
+    """Noise for a diffusion training batch, assigned to the batch as in Immiscible Diffusion.
+
+    Args:
+        method: "linear" (exact minimum total L2 pairing of the batch with its noise, NeurIPS 2024),
+            "knn" (each sample keeps the nearest of `k` fresh noises, the follow-up paper) or "none" (plain
+            independent noise, for baselines).
+        k: candidates per sample for "knn".
+        cost_dtype: dtype of the x.n product in the linear cost ("float32" exact by default; "bfloat16" or
+            "float16" for the paper's quantized assignment; norms stay float32).
+        solver: "auto" (lap if installed, else scipy), "lap" or "scipy"; all give the exact optimum.
+        knn_sampler: "fast" draws the winner exactly in law from scalars; "reference" draws all k candidates.
+
+    Linear assignment only permutes the batch of noise, so the noise stays exactly N(0, I). KNN noise does
+    not: the kept noise is pulled towards the data and its energy shrinks slightly (more so for small D).
+    Groups (class labels) restrict linear assignment to equal labels; KNN pairs each sample on its own, so
+    groups change nothing for it.
+    """
+
+    def __init__(self, method: str = "linear", k: int = 8, cost_dtype: str = "float32", solver: str = "auto",
+                 knn_sampler: str = "fast"):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if cost_dtype not in COST_DTYPES:
+            raise ValueError(f"cost_dtype must be one of {sorted(COST_DTYPES)}, got {cost_dtype!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if knn_sampler not in KNN_SAMPLERS:
+            raise ValueError(f"knn_sampler must be one of {KNN_SAMPLERS}, got {knn_sampler!r}")
+        self.method, self.k, self.cost_dtype, self.solver, self.knn_sampler = method, k, cost_dtype, solver, knn_sampler
+        self.last_stats: AssignmentStats | None = None
+
+    def __repr__(self) -> str:
+        extra = f", k={self.k}" if self.method == "knn" else f", cost_dtype={self.cost_dtype!r}"
+        return f"ImmiscibleNoise(method={self.method!r}{extra})"
+
+    def __call__(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                 groups: torch.Tensor | Sequence | None = None) -> torch.Tensor:
+        """Fresh N(0, I) noise shaped like x0 (same dtype and device), assigned to x0.
+
+        With a `generator`, noise is drawn on the generator's device and moved to x0's device.
+        """
+        self._validate(x0, groups=groups)
+        if self.method != "knn":
+            dev = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.device, x0.dtype)
+            return self.assign(x0, noise, groups=groups)
+        start = time.perf_counter()
+        sampler = knn_noise if self.knn_sampler == "fast" else knn_noise_reference
+        noise, before, after = sampler(x0, self.k, generator)
+        self._record(before.mean().item(), after.mean().item(), x0.shape[0], start, noop=False)
+        return noise.to(x0.dtype)
+
+    def assign(self, x0: torch.Tensor, noise: torch.Tensor,
+               groups: torch.Tensor | Sequence | None = None) -> torch.Tensor:
+        """The rows of `noise` permuted so that sum_i ||x0_i - noise_i||_2 is minimal (within groups if given).
+
+        Only for "linear" (and "none", which returns `noise` unchanged): KNN draws its own candidates.
+        """
+        if self.method == "knn":
+            raise ValueError("method='knn' draws its own candidates: call imm(x0) instead of imm.assign(x0, noise)")
+        self._validate(x0, noise, groups)
+        start = time.perf_counter()
+        labels = None if groups is None else as_group_tensor(groups, x0.shape[0])
+        if self.method == "none":
+            dist = (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
+            self._record(dist.mean().item(), dist.mean().item(), x0.shape[0], start, noop=True)
+            return noise
+        cost = pairwise_l2(x0, noise, self.cost_dtype)
+        perm = assignment_permutation(cost, labels, self.solver)
+        noop = not self._can_repair(x0.shape[0], labels)
+        rows = torch.arange(perm.numel())
+        # Report true float32 distances, whatever precision the cost was computed in.
+        exact = cost if self.cost_dtype == "float32" else pairwise_l2(x0, noise, "float32")
+        exact = exact.cpu()
+        self._record(exact.diagonal().mean().item(), exact[rows, perm].mean().item(), x0.shape[0], start, noop)
+        return noise[perm.to(noise.device)]
+
+    @staticmethod
+    def _can_repair(batch_size: int, labels: torch.Tensor | None) -> bool:
+        if labels is None:
+            return batch_size > 1
+        return bool((torch.unique(labels, return_counts=True)[1] > 1).any())
+
+    def _validate(self, x0, noise=None, groups=None) -> None:
+        if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[0] == 0:
+            raise ValueError("x0 must be a tensor with a non-empty batch dimension [B, ...]")
+        if not x0.is_floating_point():
+            raise ValueError(f"x0 must be a floating-point tensor, got {x0.dtype}")
+        check_finite("x0", x0)
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+                shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+                raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {shape}")
+            check_finite("noise", noise)
+        if groups is not None:
+            as_group_tensor(groups, x0.shape[0])
+
+    def _record(self, before: float, after: float, batch_size: int, start: float, noop: bool) -> None:
+        reduction = 1.0 - after / before if before > 0 else 0.0
+        self.last_stats = AssignmentStats(self.method, batch_size, before, after, reduction,
+                                          (time.perf_counter() - start) * 1000.0, noop)
