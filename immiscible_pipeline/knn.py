@@ -74,13 +74,12 @@ def knn_noise(x0: torch.Tensor, k: int, generator=None) -> tuple[torch.Tensor, t
     r_best = r2.gather(1, best).sqrt().float()
 
     # A zero image has no direction; the winner's law is then rotation invariant, so any unit axis will do.
-    axis = torch.zeros_like(x)
-    axis[:, 0] = 1.0
-    e = torch.where(norm[:, None] > 0, x / norm.clamp_min(1e-30)[:, None], axis)
+    e = x / norm.clamp_min(1e-30)[:, None]
+    e[:, 0] += (norm == 0).to(e.dtype)
     g = torch.randn(batch, dim, generator=generator, device=dev, dtype=torch.float32)
-    g = g - (g * e).sum(1, keepdim=True) * e
-    w = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    noise = u_best * e + r_best * w
+    g.addcmul_(e, torch.linalg.vecdot(g, e)[:, None], value=-1.0)  # keep the part orthogonal to e
+    scale = r_best / torch.linalg.vecdot(g, g).sqrt().clamp_min(1e-30)[:, None]
+    noise = g.mul_(scale).addcmul_(e, u_best)
     return (noise.reshape(x0.shape).to(x0.device), dist2[:, 0].sqrt().float().to(x0.device),
             dist2.gather(1, best).squeeze(1).sqrt().float().to(x0.device))
 
