@@ -43,6 +43,11 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
+def row_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """||x0_i - noise_i||_2 for each sample, in float32."""
+    return (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
+
+
 def as_group_tensor(groups, batch_size: int) -> torch.Tensor:
     """Labels of any kind (tensor, ints, strings) as a CPU int64 tensor of length `batch_size`."""
     if isinstance(groups, torch.Tensor):
@@ -125,17 +130,16 @@ class ImmiscibleNoise:
         start = time.perf_counter()
         labels = None if groups is None else as_group_tensor(groups, x0.shape[0])
         if self.method == "none":
-            dist = (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
-            self._record(dist.mean().item(), dist.mean().item(), x0.shape[0], start, noop=True)
+            dist = row_distances(x0, noise).mean().item()
+            self._record(dist, dist, x0.shape[0], start, noop=True)
             return noise
-        cost = pairwise_l2(x0, noise, self.cost_dtype)
+        cost = pairwise_l2(x0, noise, self.cost_dtype).cpu()
         perm = assignment_permutation(cost, labels, self.solver)
-        noop = not self._can_repair(x0.shape[0], labels)
-        rows = torch.arange(perm.numel())
-        # Report true float32 distances, whatever precision the cost was computed in.
-        exact = cost if self.cost_dtype == "float32" else pairwise_l2(x0, noise, "float32")
-        exact = exact.cpu()
-        self._record(exact.diagonal().mean().item(), exact[rows, perm].mean().item(), x0.shape[0], start, noop)
+        if self.cost_dtype == "float32":
+            before, after = cost.diagonal(), cost[torch.arange(perm.numel()), perm]
+        else:  # report true float32 distances, not the low-precision cost
+            before, after = row_distances(x0, noise), row_distances(x0, noise[perm.to(noise.device)])
+        self._record(before.mean().item(), after.mean().item(), x0.shape[0], start, not self._can_repair(x0.shape[0], labels))
         return noise[perm.to(noise.device)]
 
     @staticmethod
