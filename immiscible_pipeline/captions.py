@@ -7,19 +7,23 @@ Two kinds of column:
   Rows labelled -1 (ImageNet's test split) carry no class and are dropped.
 - a text column: each row is a caption or a list of captions (one is drawn per use), used as is.
 
-All random choices (a synonym, a caption of a list, caption dropout) come from a `torch.Generator` passed
-in, so a run is reproducible and the cached-latent path draws exactly what the image path draws.
+Every random choice (a synonym, a caption of a list, caption dropout) is fixed by (seed, epoch, row), like
+the image augmentations of `data.TrainImages`: a run is reproducible, resumes exactly, and training from the
+latent cache sees exactly the prompts that training from images sees.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
+from .data import check_column, sample_seed
+
 SYNONYM_CHOICES = ("first", "random", "all")
-NO_LABEL = -1  # the label of rows without a class (ImageNet test split) and the group of dropped prompts
+NO_LABEL = -1  # the label of rows without a class (ImageNet test split), and the group of dropped prompts
+PROMPT_STREAM = 1  # keeps the prompt choices of a row independent of its image augmentations
 
 
 def _feature_is_integer(feature) -> bool:
@@ -44,7 +48,7 @@ class Captioner:
         if self.synonyms not in SYNONYM_CHOICES:
             raise ValueError(f"synonyms must be one of {SYNONYM_CHOICES}, got {self.synonyms!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+            raise ValueError(f"--caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.is_class_label and "{}" not in self.prompt_template:
             raise ValueError(f"--prompt_template must contain '{{}}' where the class name goes, got "
                              f"{self.prompt_template!r}")
@@ -57,11 +61,8 @@ class Captioner:
     def for_dataset(cls, dataset, column: str, prompt_template: str = "a photo of a {}", synonyms: str = "first",
                     caption_dropout: float = 0.0) -> "Captioner":
         """Checks that `column` exists and can make prompts; class names come from its ClassLabel feature."""
-        features = dataset.features
-        if column not in features:
-            raise ValueError(f"--caption_column '{column}' is not a column of the dataset; its columns are: "
-                             f"{', '.join(features)}")
-        feature = features[column]
+        check_column(dataset, column, "--caption_column")
+        feature = dataset.features[column]
         names = getattr(feature, "names", None)
         if names is not None:
             return cls(column, list(names), prompt_template, synonyms, caption_dropout)
@@ -74,11 +75,18 @@ class Captioner:
                 f"a text column.")
         return cls(column, None, prompt_template, synonyms, caption_dropout)
 
-    def keep(self, value) -> bool:
-        """False for rows that carry no class (label -1); every text row is kept."""
-        return not (self.is_class_label and int(value) == NO_LABEL)
+    def labelled_rows(self, dataset) -> list[int] | None:
+        """The rows that carry a class (label != -1), or None if every row does (and for text columns)."""
+        if not self.is_class_label:
+            return None
+        labels = list(dataset[self.column])
+        keep = [row for row, label in enumerate(labels) if label != NO_LABEL]
+        return None if len(keep) == len(labels) else keep
 
     def class_prompt(self, label: int, generator: torch.Generator | None = None) -> str:
+        if not 0 <= label < len(self.class_names):
+            raise ValueError(f"label {label} in --caption_column '{self.column}' is not one of its "
+                             f"{len(self.class_names)} classes")
         name = self.class_names[label]
         if self.synonyms != "all":
             choices = [part.strip() for part in name.split(",") if part.strip()] or [name]
@@ -96,27 +104,59 @@ class Captioner:
         raise ValueError(f"--caption_column '{self.column}' must hold strings or non-empty lists of strings, "
                          f"got {value!r}")
 
-    def prompts_and_groups(self, values: Sequence, generator: torch.Generator | None = None):
-        """Prompts for a batch (a fraction `caption_dropout` blanked to "" for classifier-free guidance) and
-        the group of each sample: its class id for class labels, its prompt for text; dropped prompts form
-        one group of their own, since the model sees them unconditioned."""
-        prompts, groups = [], []
-        for value in values:
-            text = self.prompt(value, generator)
-            dropped = self.caption_dropout > 0 and torch.rand((), generator=generator).item() < self.caption_dropout
-            prompts.append("" if dropped else text)
-            if self.is_class_label:
-                groups.append(NO_LABEL if dropped else int(value))
-            else:
-                groups.append("" if dropped else text)
-        return prompts, groups
+    def sample(self, value, generator: torch.Generator | None = None) -> tuple[str, int]:
+        """(prompt, group) for one row. With probability `caption_dropout` the prompt is "" (classifier-free
+        guidance). The group, for per-class assignment, is the class id for class labels and a stable hash of
+        the prompt for text (equal on every process, as global assignment needs); dropped prompts form one
+        group of their own (-1), since the model sees them unconditioned."""
+        text = self.prompt(value, generator)
+        if self.caption_dropout > 0 and torch.rand((), generator=generator).item() < self.caption_dropout:
+            return "", NO_LABEL
+        return text, (int(value) if self.is_class_label else prompt_id(text))
+
+
+def prompt_id(prompt: str) -> int:
+    """A non-negative int64 that is the same for the same prompt in every process and run."""
+    return int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def _randint(n: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(n, (), generator=generator).item()) if n > 1 else 0
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+def tokenize_prompts(tokenizer, prompts) -> torch.Tensor:
     """Token ids [B, model_max_length], padded and truncated as the SD text encoder expects."""
     return tokenizer(list(prompts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                      return_tensors="pt").input_ids
+
+
+class PromptedSamples(torch.utils.data.Dataset):
+    """Wraps a dataset of training samples (images or cached latents) whose rows hold a raw caption value
+    under `caption_key`, and replaces it by `input_ids` (the tokenized prompt) and `group` (see
+    `Captioner.sample`). Seed and epoch are those of the wrapped dataset (`set_epoch` is passed on), so
+    `data.EpochShuffle` and `data.train_dataloader` take it as they take `TrainImages`."""
+
+    def __init__(self, samples, captioner: Captioner, tokenizer, caption_key: str):
+        self.samples, self.captioner, self.tokenizer, self.caption_key = samples, captioner, tokenizer, caption_key
+
+    @property
+    def seed(self) -> int:
+        return self.samples.seed
+
+    @property
+    def epoch(self) -> int:
+        return self.samples.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.samples.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.samples[index])
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index, PROMPT_STREAM))
+        prompt, group = self.captioner.sample(item.pop(self.caption_key), generator)
+        item["input_ids"] = tokenize_prompts(self.tokenizer, [prompt])[0]
+        item["group"] = group
+        return item

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .data import sample_seed
+
 CACHE_FORMAT = 1
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_FILE = "meta.json"
@@ -59,28 +61,17 @@ def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return latents * vae_config.scaling_factor
 
 
-def batch_latents(batch: dict, vae, generator: torch.Generator | None = None, flip: torch.Tensor | None = None,
+def batch_latents(batch: dict, vae, generator: torch.Generator | None = None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Scaled latents for a training batch, from images (`pixel_values`, encoded now) or from the cache
-    (`latent_mean`, `latent_std`). `flip` [B] bool mirrors those samples (the cache keeps their own encoding)."""
-    device = vae.device
-    dtype = dtype or vae.dtype
+    """Scaled latents for a training batch: from images (`pixel_values`, encoded now) or from the cache
+    (`latent_mean`, `latent_std`), sampled by `sample_latents` either way."""
+    device, dtype = vae.device, dtype or vae.dtype
     if "pixel_values" in batch:
-        pixels = batch["pixel_values"]
-        if flip is not None:
-            pixels = torch.where(flip.view(-1, 1, 1, 1).to(pixels.device), pixels.flip(-1), pixels)
         with torch.no_grad():
-            dist = vae.encode(pixels.to(device, dtype)).latent_dist
+            dist = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
         mean, std = dist.mean, dist.std
     else:
-        mean, std = batch["latent_mean"], batch["latent_std"]
-        if flip is not None:
-            if "latent_mean_flipped" not in batch:
-                raise ValueError("flips were asked for but the latent cache was built without mirrored images")
-            mask = flip.view(-1, 1, 1, 1)
-            mean = torch.where(mask, batch["latent_mean_flipped"], mean)
-            std = torch.where(mask, batch["latent_std_flipped"], std)
-        mean, std = mean.to(device, dtype), std.to(device, dtype)
+        mean, std = batch["latent_mean"].to(device, dtype), batch["latent_std"].to(device, dtype)
     return scale_latents(sample_latents(mean, std, generator), vae.config)
 
 
@@ -125,6 +116,36 @@ class LatentCache(torch.utils.data.Dataset):
         return item
 
 
+class CachedLatents(torch.utils.data.Dataset):
+    """Training samples from a `LatentCache`: {latent_mean, latent_std, <caption_key>: caption value}.
+
+    With `random_flip` a sample is the mirrored image's encoding when the draw of (seed, epoch, row) says so:
+    the same draw `data.ImageTransform` makes for a centre-cropped image, so the cache and the images give
+    the same batches. `seed`, `epoch` and `set_epoch` work as for `data.TrainImages` (and `EpochShuffle`)."""
+
+    def __init__(self, cache: LatentCache, seed: int = 0, random_flip: bool = False, caption_key: str = "caption"):
+        if random_flip and not cache.flip:
+            raise ValueError(f"the latent cache {cache.directory} holds no mirrored images; build it with "
+                             f"--random_flip to train with flips")
+        self.cache, self.seed, self.random_flip, self.caption_key = cache, seed, random_flip, caption_key
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.cache[index]
+        suffix = ""
+        if self.random_flip:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            suffix = "_flipped" if torch.rand((), generator=generator) < 0.5 else ""
+        return {"latent_mean": row["latent_mean" + suffix], "latent_std": row["latent_std" + suffix],
+                self.caption_key: row["caption"]}
+
+
 def read_meta(directory: Path) -> dict | None:
     path = Path(directory) / META_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -159,10 +180,10 @@ def check_meta(directory: Path, meta: dict) -> None:
 
 def build_latent_cache(directory: str | os.PathLike, dataset, vae, settings: dict, accelerator=None,
                        batch_size: int = 16, chunk_size: int = 1024, flip: bool = False, dtype: str = "float32",
-                       num_workers: int = 0) -> LatentCache:
+                       num_workers: int = 0, caption_key: str = "caption") -> LatentCache:
     """Encodes the chunks of `dataset` that are not in `directory` yet and returns the finished cache.
 
-    `dataset` yields {"pixel_values": [C, H, W] in [-1, 1] (no random augmentation), "caption": value}.
+    `dataset` yields {"pixel_values": [C, H, W] in [-1, 1] (no random augmentation), caption_key: value}.
     `settings` (JSON-able: model, resolution, crop ...) is stored and must match on later runs, so a cache
     is never silently reused for another model or preprocessing. With an `accelerator`, every process
     encodes its share (chunk i on process i % num_processes) and all wait for each other at the end.
@@ -189,7 +210,7 @@ def build_latent_cache(directory: str | os.PathLike, dataset, vae, settings: dic
     with tqdm(total=rows, desc=f"Caching latents (process {rank})", unit="img", disable=not is_local_main) as bar:
         for index in todo:
             _encode_chunk(directory, index, dataset, vae, batch_size, chunk_size, flip, CACHE_DTYPES[dtype],
-                          rank, num_workers, bar)
+                          rank, num_workers, caption_key, bar)
     _wait(accelerator)
     return LatentCache(directory)
 
@@ -199,7 +220,8 @@ def _wait(accelerator) -> None:
         accelerator.wait_for_everyone()
 
 
-def _encode_chunk(directory, index, dataset, vae, batch_size, chunk_size, flip, dtype, rank, num_workers, bar):
+def _encode_chunk(directory, index, dataset, vae, batch_size, chunk_size, flip, dtype, rank, num_workers,
+                  caption_key, bar):
     rows = range(index * chunk_size, min((index + 1) * chunk_size, len(dataset)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=collate_examples)
@@ -214,7 +236,7 @@ def _encode_chunk(directory, index, dataset, vae, batch_size, chunk_size, flip, 
                 dist = vae.encode(view).latent_dist
             parts["latent_mean" + suffix].append(dist.mean.to("cpu", dtype))
             parts["latent_std" + suffix].append(dist.std.to("cpu", dtype))
-        parts["captions"].extend(batch["caption"])
+        parts["captions"].extend(batch[caption_key])
         bar.update(len(pixels))
     chunk = {key: torch.cat(value) if key != "captions" else value for key, value in parts.items()}
     chunk["encoded_by"] = rank

@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""Latent Stable Diffusion training with Immiscible Diffusion: class-conditional (or captioned), from scratch or
+fine-tuned, saved as a StableDiffusionPipeline.
+
+    accelerate launch train_immiscible_sd.py --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
+        --dataset_name ILSVRC/imagenet-1k --caption_column label --prompt_template "a photo of a {}" \\
+        --resolution 256 --center_crop --random_flip --from_scratch --immiscible linear
+
+Like diffusers' examples/text_to_image/train_text_to_image.py (same flag names), plus the immiscible flags,
+prompts made from class names, and a latent cache. The one change to the usual loop: the noise of each
+micro-batch is drawn and assigned to its scaled VAE latents (`noise = immiscible(latents)`) before noise
+offset, input perturbation and `add_noise`, and that assigned noise is what the loss targets.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from immiscible_pipeline.captions import Captioner, PromptedSamples
+from immiscible_pipeline.data import TrainImages, describe_dataset, load_image_dataset, train_dataloader
+from immiscible_pipeline.distributed import build_immiscible
+from immiscible_pipeline.hub import (card_description, check_hub_token, create_hub_repo, immiscible_tags,
+                                     upload_output_folder, write_model_card)
+from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
+from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
+                                             load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
+from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, check_report_to,
+                                          check_xformers_available, checkpoint_step, find_checkpoint, image_grid,
+                                          log_images, register_checkpoint_hooks, resume_position, sample_images,
+                                          save_checkpoint, tracker_config, updates_per_epoch, weight_dtype)
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model and diffusion")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="A Stable Diffusion model (Hub id or local folder) giving the VAE, text encoder, tokenizer, "
+                            "noise scheduler and the UNet (its weights, or only its config with --from_scratch).")
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    model.add_argument("--from_scratch", action="store_true",
+                       help="Initialise the UNet randomly from the pretrained UNet's config instead of fine-tuning it.")
+    model.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
+                       help="What the UNet predicts. Default: the pretrained scheduler's prediction_type. The saved "
+                            "pipeline's scheduler is set to it.")
+    model.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR loss weighting with this gamma (arXiv 2303.09556; 5.0 is usual). Default: off.")
+    model.add_argument("--noise_offset", type=float, default=0.0,
+                       help="Scale of the offset noise added per sample and channel, after the assignment.")
+    model.add_argument("--input_perturbation", type=float, default=0.0,
+                       help="Scale of the extra noise added to the UNet input only (arXiv 2301.11706; 0.1 is usual); "
+                            "the loss still targets the assigned noise.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None, help="A dataset on the Hub, e.g. ILSVRC/imagenet-1k.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="A folder of images; class sub-folders become a `label` column (datasets' imagefolder). "
+                           "Neither this nor --dataset_name: the bundled offline MNIST.")
+    data.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    data.add_argument("--caption_column", type=str, default="label",
+                      help="Column giving the prompts: a ClassLabel column (prompt from --prompt_template and the "
+                           "dataset's class names) or a text column (a caption or a list of captions per row).")
+    data.add_argument("--prompt_template", type=str, default="a photo of a {}",
+                      help="Prompt for a class-label column; {} is replaced by the class name.")
+    data.add_argument("--class_name_synonyms", type=str, default="first", choices=["first", "random", "all"],
+                      help='Class names with comma-separated synonyms ("tench, Tinca tinca"): use the first, a random '
+                           "one per sample, or the whole name.")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="Fraction of prompts replaced by the empty prompt, for classifier-free guidance.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a random subset of this many rows (fixed by --seed).")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets are downloaded and cached.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Training resolution. Default: the pretrained UNet's sample_size times the VAE's factor.")
+    data.add_argument("--center_crop", action="store_true", help="Centre crop (default: a random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=list(INTERPOLATIONS),
+                      help="Filter for resizing images to the resolution.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+    data.add_argument("--cache_latents", type=str, default=None, metavar="DIR",
+                      help="Encode the dataset with the VAE once into DIR (latent mean and std per image, and per "
+                           "mirrored image with --random_flip; resumable, shared across processes) and train from "
+                           "it. Needs --center_crop. Reused by later runs with the same model and preprocessing.")
+    data.add_argument("--cache_latents_dtype", type=str, default="float32", choices=sorted(CACHE_DTYPES),
+                      help="Storage precision of the cached latent mean and std (float16 halves the size).")
+
+    imm = parser.add_argument_group("immiscible diffusion")
+    imm.add_argument("--immiscible", type=str, default="linear", choices=["none", "linear", "knn"],
+                     help="Noise assignment: linear (exact batch assignment), knn (nearest of k), none (baseline).")
+    imm.add_argument("--immiscible_k", type=int, default=8, help="Candidates per latent for --immiscible knn.")
+    imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
+                     help="local: each process assigns its own batch; global: linear assignment over the batch of "
+                          "all processes (communication every step; with one process the same as local).")
+    imm.add_argument("--assignment_cost_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="Precision of the x.n product in the linear assignment cost (float32 is exact).")
+    imm.add_argument("--immiscible_groups", type=str, default="none", choices=["none", "label"],
+                     help="label: assign noise only among samples with the same conditioning (the same class, or "
+                          "the same caption for text; dropped prompts form their own group), so the noise prior "
+                          "is not skewed per class (C2OT, arXiv 2503.10636). Needs several samples per class in "
+                          "a batch to do anything. none: the whole batch, as in the paper.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="immiscible-sd")
+    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
+    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimisation steps; overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by processes x batch size x accumulation steps.")
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    train.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning rate.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-08)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 turns it off).")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: the value of `accelerate config` / `accelerate launch`. The frozen VAE and text "
+                            "encoder run in this precision; the UNet trains in float32 under autocast.")
+    train.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
+    train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (with warm-up) and save it.")
+    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: inverse multiplicative factor.")
+    train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up: exponent.")
+    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay once warmed up.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+    save = parser.add_argument_group("checkpoints, validation, logs, hub")
+    save.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
+    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    save.add_argument("--resume_from_checkpoint", type=str, default=None,
+                      help='A checkpoint folder (path or name in --output_dir), or "latest".')
+    save.add_argument("--validation_prompts", type=str, nargs="+", default=None,
+                      help="Prompts sampled every --validation_steps and at the end (saved and logged).")
+    save.add_argument("--validation_steps", type=int, default=500, help="Sample the validation prompts every N steps.")
+    save.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps for validation.")
+    save.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    save.add_argument("--report_to", type=str, default="tensorboard",
+                      help='Tracker: "tensorboard", "wandb", "all" or "none".')
+    save.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
+    save.add_argument("--tracker_project_name", type=str, default="train_immiscible_sd")
+    save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline and a model card.")
+    save.add_argument("--hub_model_id", type=str, default=None, help="Repo name. Default: the output folder's name.")
+    save.add_argument("--hub_token", type=str, default=None)
+    save.add_argument("--hub_private_repo", action="store_true")
+
+    args = parser.parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Everything that can be checked before any data or model is loaded."""
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("pass either --dataset_name or --train_data_dir, not both")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a directory")
+    for flag in ("immiscible_k", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "checkpointing_steps", "validation_steps", "validation_inference_steps", "max_train_steps",
+                 "checkpoints_total_limit", "resolution", "max_train_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        raise ValueError(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
+    if args.cache_latents is not None and not args.center_crop:
+        raise ValueError("--cache_latents stores one encoding per image, which a random crop would change every "
+                         "epoch: add --center_crop (random flips are fine: the mirrored image is cached too)")
+    if args.enable_xformers_memory_efficient_attention:
+        check_xformers_available()
+    if args.use_8bit_adam:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--use_8bit_adam needs bitsandbytes, which is not installed: pip install bitsandbytes")
+    check_report_to(args.report_to)
+    check_hub_token(args.report_to, args.hub_token)
+
+
+def main(args):
+    # --- setup -------------------------------------------------------------------------------------------
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed)  # the same initial weights on every process
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+
+    # Frozen parts in the mixed precision (the UNet trains in float32 under autocast).
+    pretrained = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision}
+    frozen_dtype = weight_dtype(accelerator.mixed_precision)
+    noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **pretrained)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **pretrained)
+    text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
+    vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
+    vae.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
+    text_encoder.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.from_scratch:
+        unet_config = UNet2DConditionModel.load_config(subfolder="unet", **pretrained)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        if args.resolution is not None:  # so that the saved pipeline samples at the trained size by default
+            unet.register_to_config(sample_size=args.resolution // vae_scale)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=args.variant, **pretrained)
+    resolution = args.resolution or unet.config.sample_size * vae_scale
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                       power=args.ema_power, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.to(accelerator.device)
+    register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
+
+    # Data: images (encoded by the VAE every step) or their cached latent distributions; prompts from the
+    # class names or captions. Shuffles, flips and prompt choices are fixed by (seed, epoch, row).
+    dataset_description = describe_dataset(args.dataset_name, args.train_data_dir)
+    with accelerator.main_process_first():
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    captioner = Captioner.for_dataset(dataset, args.caption_column, args.prompt_template, args.class_name_synonyms,
+                                      args.caption_dropout)
+    labelled = captioner.labelled_rows(dataset)
+    if labelled is not None:
+        logger.info(f"Dropping {len(dataset) - len(labelled)} rows without a class (label -1)")
+        dataset = dataset.select(labelled)
+    data_seed = args.seed if args.seed is not None else 0  # the same shuffle on every process
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=data_seed).select(range(min(args.max_train_samples, len(dataset))))
+    if args.cache_latents is None:
+        transform = FilteredImageTransform(resolution, 3, args.center_crop, args.random_flip,
+                                           args.image_interpolation_mode)
+        samples = TrainImages(dataset, args.image_column, transform, data_seed, keep_columns=[args.caption_column])
+    else:
+        unflipped = FilteredImageTransform(resolution, 3, True, False, args.image_interpolation_mode)
+        to_encode = TrainImages(dataset, args.image_column, unflipped, data_seed, keep_columns=[args.caption_column])
+        settings = {**pretrained, "variant": args.variant, "vae_config": dict(vae.config),
+                    "dataset": dataset_description, "dataset_config_name": args.dataset_config_name,
+                    "dataset_fingerprint": getattr(dataset, "_fingerprint", None), "image_column": args.image_column,
+                    "caption_column": args.caption_column, "resolution": resolution,
+                    "interpolation": args.image_interpolation_mode, "vae_dtype": str(frozen_dtype)}
+        cache = build_latent_cache(args.cache_latents, to_encode, vae, settings, accelerator,
+                                   batch_size=args.train_batch_size, flip=args.random_flip,
+                                   dtype=args.cache_latents_dtype, num_workers=args.dataloader_num_workers,
+                                   caption_key=args.caption_column)
+        samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=args.caption_column)
+    train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=args.caption_column)
+    loader = train_dataloader(train_samples, args.train_batch_size, args.dataloader_num_workers)
+
+    immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
+                                  args.assignment_scope, accelerator)
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(unet.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    # Steps per epoch are known only once the data is split across processes.
+    num_update_steps = updates_per_epoch(math.ceil(len(loader) / accelerator.num_processes),
+                                         args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    num_update_steps = updates_per_epoch(len(loader), args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / num_update_steps)
+
+    run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(
+            {**run_config, "num_processes": accelerator.num_processes}))
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
+                f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
+                f"steps ({num_epochs} epochs) at {resolution} px; UNet {'from scratch' if args.from_scratch else 'fine-tuned'}; "
+                f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
+                f"{args.caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
+                f"groups {args.immiscible_groups}")
+
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        logger.info(f"Resuming from checkpoint {checkpoint}")
+        accelerator.load_state(str(checkpoint))  # weights, EMA, optimizer, scheduler and every process's RNG
+        global_step = checkpoint_step(checkpoint)
+        first_epoch, resume_batches = resume_position(global_step, num_update_steps, args.gradient_accumulation_steps)
+    elif args.resume_from_checkpoint is not None:
+        logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
+    inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision,
+                                                   noise_scheduler.config.prediction_type)
+
+    # --- training ----------------------------------------------------------------------------------------
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    train_loss = 0.0
+    for epoch in range(first_epoch, num_epochs):
+        train_samples.set_epoch(epoch)  # this epoch's shuffle, flips and prompt choices
+        unet.train()
+        batches = loader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(loader, resume_batches)  # seen before the checkpoint
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                latents = batch_latents(batch, vae, dtype=frozen_dtype)  # VAE latents x scaling_factor
+                encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                groups = batch["group"] if args.immiscible_groups == "label" else None
+                noise = immiscible(latents, groups=groups)  # Immiscible Diffusion: fresh noise assigned to latents
+                if args.noise_offset:
+                    noise = noise + args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device,
+                                                                    dtype=latents.dtype)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device)
+                input_noise = noise
+                if args.input_perturbation:
+                    input_noise = noise + args.input_perturbation * torch.randn_like(noise)
+                noisy_latents = noise_scheduler.add_noise(latents, input_noise, timesteps)
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                loss = min_snr_loss(noise_scheduler, model_pred, latents, noise, timesteps, args.snr_gamma)  # target: `noise`
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            train_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(unet.parameters())
+            global_step += 1
+            progress_bar.update(1)
+            logs = {"loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **immiscible.last_stats.as_dict()}
+            if ema is not None:
+                logs["ema_decay"] = ema.cur_decay_value
+            accelerator.log(logs, step=global_step)
+            progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
+            train_loss = 0.0
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if (args.validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps
+                    and accelerator.is_main_process):
+                pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
+                                                     inference_scheduler)
+                with averaged_weights(unet.parameters(), ema):
+                    save_samples(accelerator, args, pipeline, resolution, global_step,
+                                 Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress_bar.close()
+
+    # --- save ----------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
+        if frozen_dtype != torch.float32:  # save the frozen parts in full precision, as they were loaded
+            text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
+            vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
+        pipeline = stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, inference_scheduler)
+        pipeline.save_pretrained(args.output_dir)
+        if args.validation_prompts:
+            save_samples(accelerator, args, pipeline.to(accelerator.device), resolution, global_step,
+                         Path(args.output_dir) / "samples.png")
+        summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
+                   "global_step": global_step, "resolution": resolution, "dataset": dataset_description,
+                   "num_images": len(dataset), "class_names": captioner.class_names}
+        (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"Saved the StableDiffusionPipeline to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args, repo_id, summary)
+    accelerator.end_training()
+
+
+def save_samples(accelerator, args, pipeline, resolution, step, path):
+    """One image per validation prompt with a fixed seed (comparable across steps); saved and logged at `step`."""
+    with accelerator.autocast():
+        images = sample_images(pipeline, seed=args.seed or 0, prompt=args.validation_prompts, height=resolution,
+                               width=resolution, num_inference_steps=args.validation_inference_steps,
+                               guidance_scale=args.validation_guidance_scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+    log_images(accelerator, "validation", images, step)
+
+
+def push_to_hub(args, repo_id, summary):
+    settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
+                "assignment scope": args.assignment_scope, "assignment groups": args.immiscible_groups,
+                "base model": args.pretrained_model_name_or_path,
+                "UNet": "from scratch" if args.from_scratch else "fine-tuned", "dataset": summary["dataset"],
+                "prompts": args.prompt_template if summary["class_names"] else f"column {args.caption_column}",
+                "resolution": summary["resolution"], "batch size (total)": summary["total_batch_size"],
+                "processes": summary["num_processes"], "steps": summary["global_step"],
+                "learning rate": args.learning_rate, "EMA": args.use_ema, "snr_gamma": args.snr_gamma,
+                "mixed precision": args.mixed_precision or "accelerate default"}
+    prompt = (args.validation_prompts or [args.prompt_template.format("tench")])[0]
+    description = card_description(
+        title=f"Immiscible Stable Diffusion: {repo_id}",
+        summary=(f"A Stable Diffusion UNet trained with Immiscible Diffusion ({args.immiscible} noise assignment on "
+                 f"the VAE latents, arXiv 2406.12303) on {summary['dataset']} using `train_immiscible_sd.py` from "
+                 "immiscible-diffusers."),
+        settings=settings, image="samples.png" if args.validation_prompts else None,
+        usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
+               f"image = pipeline({prompt!r}, num_inference_steps=50).images[0]"))
+    tags = immiscible_tags(args.immiscible) + ["stable-diffusion", "text-to-image", f"scope-{args.assignment_scope}"]
+    write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token,
+                     base_model=args.pretrained_model_name_or_path)
+    upload_output_folder(args.output_dir, repo_id, args.hub_token)
+
+
+if __name__ == "__main__":
+    main(parse_args())
