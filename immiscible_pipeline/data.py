@@ -5,7 +5,7 @@
     train_images = TrainImages(dataset, "image", ImageTransform(32, channels=3, random_flip=True), seed=0)
     loader = train_dataloader(train_images, batch_size=128)
     for epoch in ...:
-        train_images.set_epoch(epoch)         # a new shuffle and new augmentations, both fixed by (seed, epoch)
+        train_images.start_epoch(epoch)       # a new shuffle and new augmentations, both fixed by (seed, epoch)
 
 Randomness never comes from the global RNG: the shuffle of an epoch comes from (seed, epoch) and each
 sample's crop and flip from (seed, epoch, index). So the images a step sees do not depend on data-loader
@@ -236,7 +236,10 @@ class TrainImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Selects the epoch's shuffle and augmentations. Deliberately not named `set_epoch`: Accelerate's
+        data loader calls a dataset's `set_epoch` with its own count of passes, which restarts at 0 when a
+        run resumes from a checkpoint, and would then replay the first epoch."""
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:

@@ -14,6 +14,7 @@ None of this knows which model is trained; each piece is small enough to read at
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -144,13 +145,34 @@ def updates_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int
 
 # --- EMA ------------------------------------------------------------------------------------------------
 
+EMA_STATE_FILE = "ema_state.json"
+
+
+def save_ema(ema, folder: str | os.PathLike) -> None:
+    """An `EMAModel` (built with `model_cls` and `model_config`) as a plain diffusers model folder holding the
+    averaged weights (loadable with `from_pretrained`), plus its decay state in `ema_state.json`."""
+    model = ema.model_cls.from_config(ema.model_config)
+    ema.copy_to(model.parameters())
+    model.save_pretrained(folder)
+    state = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
+    (Path(folder) / EMA_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_ema(ema, folder: str | os.PathLike) -> None:
+    """Restores what `save_ema` wrote into `ema`, in place (bit-exact)."""
+    model = ema.model_cls.from_pretrained(folder)
+    state = json.loads((Path(folder) / EMA_STATE_FILE).read_text())
+    device = ema.shadow_params[0].device if ema.shadow_params else None
+    ema.load_state_dict({**state, "shadow_params": [param.detach().to(device) for param in model.parameters()]})
+
+
 def register_checkpoint_hooks(accelerator, model_folder: str = "unet", ema=None, ema_folder: str | None = None) -> None:
     """Save trained models and their EMA inside each checkpoint as diffusers folders (safetensors), and load
     them back on `accelerator.load_state`.
 
     A checkpoint then holds `<model_folder>/` (loadable with `from_pretrained`) and, with `ema` (a diffusers
-    `EMAModel` built with `model_cls` and `model_config`), `<ema_folder>/` with its decay state (default folder:
-    `<model_folder>_ema`). With several prepared models the folders get a suffix `_1`, `_2`, ...
+    `EMAModel` built with `model_cls` and `model_config`), `<ema_folder>/` (default `<model_folder>_ema`), see
+    `save_ema`. With several prepared models the folders get a suffix `_1`, `_2`, ...
     Register before `accelerator.prepare`."""
     ema_folder = ema_folder or f"{model_folder}_ema"
 
@@ -162,7 +184,7 @@ def register_checkpoint_hooks(accelerator, model_folder: str = "unet", ema=None,
             for index, model in enumerate(models):
                 accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, folder(index)))
             if ema is not None:
-                ema.save_pretrained(os.path.join(output_dir, ema_folder))
+                save_ema(ema, os.path.join(output_dir, ema_folder))
         while weights:  # saved above; Accelerate need not save them again
             weights.pop()
 
@@ -171,15 +193,10 @@ def register_checkpoint_hooks(accelerator, model_folder: str = "unet", ema=None,
         while models:
             model = accelerator.unwrap_model(models.pop(0))
             loaded = type(model).from_pretrained(input_dir, subfolder=folder(index))
-            model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
             index += 1
         if ema is not None:
-            from diffusers.training_utils import EMAModel
-
-            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, ema_folder), ema.model_cls)
-            ema.load_state_dict(loaded_ema.state_dict())
-            ema.to(accelerator.device)
+            load_ema(ema, os.path.join(input_dir, ema_folder))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
