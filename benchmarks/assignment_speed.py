@@ -14,8 +14,10 @@ float64; a linear option's loss is the share of the exact assignment's reduction
 random images in [-1, 1] (C x H x W = D), noise N(0, I).
 
 The official broadcasts need B*B*D*2 (linear) and B*k*D*8 (knn) bytes; above --max_memory_gb they are not run
-and the table says "OOM (needs X GiB)". A first call warms up each measurement unless it takes > 2 s (then it
-counts as a repeat). The "targets" block states each target of the issue, the figure measured and PASS/FAIL.
+and the table says "OOM (needs X GiB)". Timing: one warm-up call per option (counted when it takes > 2 s), then
+`--repeats` rounds that call every option once in turn, so that load from other programs on a shared machine
+hits all options alike; the tables give medians and the 1-minute load average before/after each size. The
+"targets" block states each target of the issue, the figure measured and PASS/FAIL.
 
     python benchmarks/assignment_speed.py --quick            # ~1 minute: B in {256, 1024}, D = 4096
     python benchmarks/assignment_speed.py --output results/assignment_speed   # the full grid, + .md and .json
@@ -27,6 +29,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -141,17 +144,36 @@ def official_knn_bytes(batch: int, k: int, dim: int) -> int:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
-def timed(fn, repeats: int):
-    """(median ms, all ms, last result) of `repeats` calls, after one warm-up call unless that took > 2 s."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    times = [first * 1000.0] if first > WARMUP_LIMIT_S else []
-    while len(times) < repeats:
+def run_rounds(calls: dict, repeats: int, step) -> tuple[dict, dict]:
+    """Time every call in interleaved rounds, so that a burst of load elsewhere hits all options alike.
+
+    One warm-up call each first (it counts as a timed call when it takes > 2 s); then rounds of one call per
+    option until each has `repeats` times. Returns ({name: [ms, ...]}, {name: last result}).
+    """
+    times, last = {name: [] for name in calls}, {}
+    step("warm-up")
+    for name, fn in calls.items():
         start = time.perf_counter()
-        result = fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times), times, result
+        last[name] = fn()
+        elapsed = time.perf_counter() - start
+        if elapsed > WARMUP_LIMIT_S:
+            times[name].append(elapsed * 1000.0)
+    for round_index in range(repeats):
+        step(f"round {round_index + 1}/{repeats}")
+        for name, fn in calls.items():
+            if len(times[name]) >= repeats:
+                continue
+            start = time.perf_counter()
+            last[name] = fn()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return times, last
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def exact_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -191,7 +213,8 @@ def bench_config(batch: int, dim: int, args, step) -> dict:
     x0 = image_like(batch, dim, gen)
     noise = torch.randn(batch, dim, generator=gen)
     budget = args.max_memory_gb * GIB
-    row = {"batch": batch, "dim": dim, "linear": {}, "knn": {}, "gemm": {}}
+    dtypes = ("float32", *args.low_precision)
+    row = {"batch": batch, "dim": dim, "linear": {}, "knn": {}, "gemm": {}, "load_average": [load_average()]}
 
     step("exact reference")
     cost = exact_distances(x0, noise)
@@ -199,54 +222,68 @@ def bench_config(batch: int, dim: int, args, step) -> dict:
     exact_total = cost[torch.arange(batch), torch.as_tensor(exact_perm)].sum().item()
     row["exact_reduction"] = reduction(cost, exact_perm)
 
-    for dtype in ("float32", *args.low_precision):
-        step(f"linear {dtype}")
+    calls, oom = {}, {}
+    for dtype in dtypes:
         imm = ImmiscibleNoise("linear", cost_dtype=dtype)
-        ms, times, out = timed(lambda: imm.assign(x0, noise), args.repeats)
-        perm = recover_permutation(out, noise)
-        total = cost[torch.arange(batch), torch.as_tensor(perm)].sum().item()
-        red = reduction(cost, perm)
-        row["linear"][dtype] = dict(ms=ms, times=times, reduction=red, total_cost_gap=total / exact_total - 1.0,
-                                    loss=1.0 - red / row["exact_reduction"] if row["exact_reduction"] > 0 else 0.0,
-                                    same_permutation=bool(np.array_equal(perm, exact_perm)))
-
-    step("linear official")
+        calls[f"linear {dtype}"] = lambda imm=imm: imm.assign(x0, noise)
     need = official_linear_bytes(batch, dim)
     if need > budget:
-        row["linear"]["official"] = dict(oom=True, needs_gib=need / GIB)
+        oom["linear official"] = need / GIB
     else:
-        ms, times, perm = timed(lambda: official_linear(x0, noise), args.repeats)
-        red = reduction(cost, perm)
-        row["linear"]["official"] = dict(ms=ms, times=times, reduction=red, needs_gib=need / GIB,
-                                         loss=1.0 - red / row["exact_reduction"] if row["exact_reduction"] > 0 else 0.0)
-
-    step("randn")
-    ms, times, _ = timed(lambda: torch.randn(batch, dim, generator=gen), args.repeats)
-    row["knn"]["randn"] = dict(ms=ms, times=times)
+        calls["linear official"] = lambda: official_linear(x0, noise)
+    calls["randn"] = lambda: torch.randn(batch, dim, generator=gen)
+    knn_imm = {}
     for k in KS:
-        step(f"knn k={k} ours")
-        imm = ImmiscibleNoise("knn", k=k)  # the fast exact sampler (`knn_noise`) behind the public call
-        ms, times, _ = timed(lambda: imm(x0, generator=gen), args.repeats)
-        row["knn"][f"ours_k{k}"] = dict(ms=ms, times=times, reduction=imm.last_stats.relative_reduction)
-        step(f"knn k={k} official")
+        knn_imm[k] = ImmiscibleNoise("knn", k=k)  # the fast exact sampler (`knn_noise`) behind the public call
+        calls[f"knn ours k={k}"] = lambda imm=knn_imm[k]: imm(x0, generator=gen)
         need = official_knn_bytes(batch, k, dim)
         if need > budget:
-            row["knn"][f"official_k{k}"] = dict(oom=True, needs_gib=need / GIB)
+            oom[f"knn official k={k}"] = need / GIB
         else:
-            ms, times, (chosen, first) = timed(lambda: official_knn(x0, k, gen), args.repeats)
-            row["knn"][f"official_k{k}"] = dict(ms=ms, times=times, reduction=knn_reduction(x0, chosen, first),
-                                                needs_gib=need / GIB)
-        step(f"knn k={k} reference")
-        ms, times, out = timed(lambda: knn_noise_reference(x0, k, gen), args.repeats)
-        _, before, after = out
-        row["knn"][f"reference_k{k}"] = dict(ms=ms, times=times,
-                                             reduction=1.0 - after.mean().item() / before.mean().item())
-
-    for dtype in ("float32", *args.low_precision):
-        step(f"gemm {dtype}")
+            calls[f"knn official k={k}"] = lambda k=k: official_knn(x0, k, gen)
+        calls[f"knn reference k={k}"] = lambda k=k: knn_noise_reference(x0, k, gen)
+    for dtype in dtypes:
         a, b = x0.to(COST_DTYPES[dtype]), noise.to(COST_DTYPES[dtype])
-        dist_ms, _, _ = timed(lambda: pairwise_l2(x0, noise, dtype), args.repeats)
-        mm_ms, _, _ = timed(lambda: a @ b.T, args.repeats)
+        calls[f"distance {dtype}"] = lambda dtype=dtype: pairwise_l2(x0, noise, dtype)
+        calls[f"matmul {dtype}"] = lambda a=a, b=b: a @ b.T
+
+    times, last = run_rounds(calls, args.repeats, step)
+    row["load_average"].append(load_average())
+
+    def timing(name):
+        return dict(ms=statistics.median(times[name]), times=times[name])
+
+    def loss(red):
+        return 1.0 - red / row["exact_reduction"] if row["exact_reduction"] > 0 else 0.0
+
+    for dtype in dtypes:
+        perm = recover_permutation(last[f"linear {dtype}"], noise)
+        total = cost[torch.arange(batch), torch.as_tensor(perm)].sum().item()
+        red = reduction(cost, perm)
+        row["linear"][dtype] = dict(**timing(f"linear {dtype}"), reduction=red, loss=loss(red),
+                                    total_cost_gap=total / exact_total - 1.0,
+                                    same_permutation=bool(np.array_equal(perm, exact_perm)))
+    if "linear official" in oom:
+        row["linear"]["official"] = dict(oom=True, needs_gib=oom["linear official"])
+    else:
+        red = reduction(cost, last["linear official"])
+        row["linear"]["official"] = dict(**timing("linear official"), reduction=red, loss=loss(red),
+                                         needs_gib=official_linear_bytes(batch, dim) / GIB)
+
+    row["knn"]["randn"] = timing("randn")
+    for k in KS:
+        row["knn"][f"ours_k{k}"] = dict(**timing(f"knn ours k={k}"), reduction=knn_imm[k].last_stats.relative_reduction)
+        if f"knn official k={k}" in oom:
+            row["knn"][f"official_k{k}"] = dict(oom=True, needs_gib=oom[f"knn official k={k}"])
+        else:
+            chosen, first = last[f"knn official k={k}"]
+            row["knn"][f"official_k{k}"] = dict(**timing(f"knn official k={k}"), needs_gib=official_knn_bytes(
+                batch, k, dim) / GIB, reduction=knn_reduction(x0, chosen, first))
+        _, before, after = last[f"knn reference k={k}"]
+        row["knn"][f"reference_k{k}"] = dict(**timing(f"knn reference k={k}"),
+                                             reduction=1.0 - after.mean().item() / before.mean().item())
+    for dtype in dtypes:
+        dist_ms, mm_ms = timing(f"distance {dtype}")["ms"], timing(f"matmul {dtype}")["ms"]
         row["gemm"][dtype] = dict(distance_ms=dist_ms, matmul_ms=mm_ms, fraction=mm_ms / dist_ms,
                                   matmul_gflops=2.0 * batch * batch * dim / mm_ms / 1e6)
     return row
@@ -271,6 +308,11 @@ def fmt_pct(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100.0 * value:.{digits}f}%"
 
 
+def fmt_load(loads: list) -> str:
+    loads = [f"{x:.1f}" for x in loads if x is not None]
+    return "-" if not loads else "-".join(dict.fromkeys(loads))
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -282,14 +324,16 @@ def report_tables(results: list[dict], low: list[str]) -> str:
     out = []
 
     header = ["B", "D"] + [f"ours {short[d]}" for d in ("float32", *low)]
-    header += ["official fp16 broadcast + scipy", "speed-up vs official (fp32)", "fp32 split: distance + rest (solver, checks)"]
+    header += ["official fp16 broadcast + scipy", "speed-up vs official (fp32)", "fp32 split: distance + rest (solver, checks)",
+               "load avg"]
     rows = []
     for r in results:
         lin, official = r["linear"], r["linear"].get("official")
         speed = "-" if official is None or official.get("oom") else f"{official['ms'] / lin['float32']['ms']:.1f}x"
         dist = r["gemm"]["float32"]["distance_ms"]
         rows.append([str(r["batch"]), str(r["dim"])] + [fmt_ms(lin[d]) for d in ("float32", *low)]
-                    + [fmt_ms(official), speed, f"{dist:.1f} + {max(lin['float32']['ms'] - dist, 0.0):.1f}"])
+                    + [fmt_ms(official), speed, f"{dist:.1f} + {max(lin['float32']['ms'] - dist, 0.0):.1f}",
+                       fmt_load(r["load_average"])])
     out.append("Linear assignment, ms per call (median)\n\n" + table(header, rows))
 
     header = ["B", "D", "exact (scipy, float64)", "ours fp32 = exact optimum?"]
@@ -477,7 +521,7 @@ def main(argv=None) -> dict:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     configs = [(b, d) for d in args.dims for b in args.batch_sizes]
-    steps_per_config = 1 + (1 + len(args.low_precision)) * 2 + 1 + 1 + 3 * len(KS)
+    steps_per_config = 2 + args.repeats  # exact reference, warm-up, rounds
     progress = Progress(len(configs) * steps_per_config, disabled=args.no_progress)
     results = []
     for batch, dim in configs:
@@ -487,7 +531,7 @@ def main(argv=None) -> dict:
     targets = evaluate_targets(results, args.low_precision)
     header = (f"Command: `{command}`  \nDate: {date}  \nCPU: {info['cpu']}, {info['threads']} threads; "
               f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}  \n"
-              f"Medians of {args.repeats} calls; official broadcasts skipped above {args.max_memory_gb:g} GiB.")
+              f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB.")
     text = "\n\n".join([header, report_tables(results, args.low_precision), "Targets\n\n" + report_targets(targets)])
     print(text)
     report = dict(command=command, date=date, machine=info, repeats=args.repeats, max_memory_gb=args.max_memory_gb,

@@ -29,7 +29,7 @@ def test_tiny_run_prints_every_table_marks_oom_and_writes_md_and_json(tmp_path, 
     linear_16 = next(line for line in out.splitlines() if line.startswith("| 16 | 48 |"))
     assert "OOM (needs 2.3e-05 GiB)" in linear_16
     linear_8 = next(line for line in out.splitlines() if line.startswith("| 8 | 48 |"))
-    assert "OOM" not in linear_8 and linear_8.count("|") == 9
+    assert "OOM" not in linear_8 and linear_8.count("|") == 10
 
     assert "| linear fp32 reaches scipy's exact optimum at every size measured | all sizes | PASS |" in out
     assert "NOT MEASURED" in out  # the target sizes are not in this run, and the block says so
