@@ -97,6 +97,9 @@ def parse_args(input_args=None):
                       help="Encode the dataset with the VAE once into DIR (latent mean and std per image, and per "
                            "mirrored image with --random_flip; resumable, shared across processes) and train from "
                            "it. Needs --center_crop. Reused by later runs with the same model and preprocessing.")
+    data.add_argument("--cache_latents_chunk_size", type=int, default=1024,
+                      help="Images per cache file: the unit of resuming an interrupted encoding and of sharing it "
+                           "across processes.")
     data.add_argument("--cache_latents_dtype", type=str, default="float32", choices=sorted(CACHE_DTYPES),
                       help="Storage precision of the cached latent mean and std (float16 halves the size).")
 
@@ -180,7 +183,7 @@ def check_args(args):
         raise ValueError(f"--train_data_dir {args.train_data_dir} is not a directory")
     for flag in ("immiscible_k", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                  "checkpointing_steps", "validation_steps", "validation_inference_steps", "max_train_steps",
-                 "checkpoints_total_limit", "resolution", "max_train_samples"):
+                 "checkpoints_total_limit", "resolution", "max_train_samples", "cache_latents_chunk_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
@@ -280,7 +283,8 @@ def main(args):
                     "caption_column": args.caption_column, "resolution": resolution,
                     "interpolation": args.image_interpolation_mode, "vae_dtype": str(frozen_dtype)}
         cache = build_latent_cache(args.cache_latents, to_encode, vae, settings, accelerator,
-                                   batch_size=args.train_batch_size, flip=args.random_flip,
+                                   batch_size=args.train_batch_size, chunk_size=args.cache_latents_chunk_size,
+                                   flip=args.random_flip,
                                    dtype=args.cache_latents_dtype, num_workers=args.dataloader_num_workers,
                                    caption_key=args.caption_column)
         samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=args.caption_column)
@@ -343,7 +347,7 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
     train_loss = 0.0
     for epoch in range(first_epoch, num_epochs):
-        train_samples.set_epoch(epoch)  # this epoch's shuffle, flips and prompt choices
+        train_samples.start_epoch(epoch)  # this epoch's shuffle, flips and prompt choices
         unet.train()
         batches = loader
         if epoch == first_epoch and resume_batches:

@@ -133,7 +133,7 @@ def tokenize_prompts(tokenizer, prompts) -> torch.Tensor:
 class PromptedSamples(torch.utils.data.Dataset):
     """Wraps a dataset of training samples (images or cached latents) whose rows hold a raw caption value
     under `caption_key`, and replaces it by `input_ids` (the tokenized prompt) and `group` (see
-    `Captioner.sample`). Seed and epoch are those of the wrapped dataset (`set_epoch` is passed on), so
+    `Captioner.sample`). Seed and epoch are those of the wrapped dataset (`start_epoch` is passed on), so
     `data.EpochShuffle` and `data.train_dataloader` take it as they take `TrainImages`."""
 
     def __init__(self, samples, captioner: Captioner, tokenizer, caption_key: str):
@@ -147,8 +147,8 @@ class PromptedSamples(torch.utils.data.Dataset):
     def epoch(self) -> int:
         return self.samples.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.samples.set_epoch(epoch)
+    def start_epoch(self, epoch: int) -> None:
+        self.samples.start_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -121,7 +121,7 @@ class CachedLatents(torch.utils.data.Dataset):
 
     With `random_flip` a sample is the mirrored image's encoding when the draw of (seed, epoch, row) says so:
     the same draw `data.ImageTransform` makes for a centre-cropped image, so the cache and the images give
-    the same batches. `seed`, `epoch` and `set_epoch` work as for `data.TrainImages` (and `EpochShuffle`)."""
+    the same batches. `seed`, `epoch` and `start_epoch` work as for `data.TrainImages` (and `EpochShuffle`)."""
 
     def __init__(self, cache: LatentCache, seed: int = 0, random_flip: bool = False, caption_key: str = "caption"):
         if random_flip and not cache.flip:
@@ -133,7 +133,7 @@ class CachedLatents(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.cache)
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
