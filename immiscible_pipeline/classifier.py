@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .features import ClassifierFeatures, SmallClassifier, uint8_to_unit
 from .reference_data import ReferenceSpec, load_reference_images
 
-CLASSIFIER_VERSION = 1  # bump when SmallClassifier or the training recipe changes: old caches are then ignored
+CLASSIFIER_VERSION = 2  # bump when SmallClassifier or the training recipe changes: old caches are then ignored
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,13 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, tes
                      test_labels: torch.Tensor, settings: ClassifierTraining = ClassifierTraining(),
                      num_classes: int | None = None, progress: bool = False) -> tuple[SmallClassifier, dict]:
     """Trains a `SmallClassifier` on uint8 images with Adam and a cosine learning-rate decay; deterministic
-    for a given seed on a given machine. Returns the model (eval mode) and a record with the test accuracy."""
+    for a given seed on a given machine. Returns the model (eval mode) and a record with the test accuracy
+    and the feature scale. The global RNG state is left as it was."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)  # initial weights
-    model = SmallClassifier(in_channels=train_images.shape[1], num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # initial weights
+        model = SmallClassifier(in_channels=train_images.shape[1], num_classes=num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.steps, 1))
     start = time.perf_counter()
@@ -65,9 +67,14 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, tes
     seconds = time.perf_counter() - start
     model.eval()
     with torch.inference_mode():
+        # One scale for all features, so that their mean square is 1 on (up to 5000) training images: keeps
+        # KID's polynomial kernel (x.y / D + 1)^3 in its intended range; FID is only multiplied by a constant.
+        probe = model.features(uint8_to_unit(train_images[:5000]))
+        feature_scale = float(probe.pow(2).mean().rsqrt())
         correct = sum(int((model(uint8_to_unit(test_images[i:i + 1000])).argmax(1) == test_labels[i:i + 1000]).sum())
                       for i in range(0, len(test_images), 1000))
     record = {"test_accuracy": correct / max(len(test_images), 1), "train_seconds": round(seconds, 2),
+              "feature_scale": feature_scale,
               "num_train_images": len(train_images), "num_test_images": len(test_images),
               "num_classes": num_classes, **asdict(settings)}
     return model, record
@@ -109,7 +116,7 @@ def cached_classifier_features(spec: ReferenceSpec, resolution: int, channels: i
             record = json.load(handle)
         model = SmallClassifier(**record["config"])
         model.load_state_dict(load_file(base + ".safetensors"))
-        return ClassifierFeatures(model, name, {**record, "from_cache": True})
+        return ClassifierFeatures(model, name, {**record, "from_cache": True}, record["feature_scale"])
 
     train_spec = spec.with_split("train")
     images, labels = load_reference_images(train_spec, resolution, channels, settings.max_train_images,
@@ -131,4 +138,4 @@ def cached_classifier_features(spec: ReferenceSpec, resolution: int, channels: i
     with open(base + ".json.tmp", "w") as handle:
         json.dump(record, handle, indent=2)
     os.replace(base + ".json.tmp", base + ".json")
-    return ClassifierFeatures(model, name, {**record, "from_cache": False})
+    return ClassifierFeatures(model, name, {**record, "from_cache": False}, record["feature_scale"])

@@ -85,8 +85,8 @@ def load_pipeline(args, accelerator):
     import torch
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(args.model)
-    return pipeline.to(accelerator.device, getattr(torch, args.dtype))
+    pipeline = DiffusionPipeline.from_pretrained(args.model).to(accelerator.device)
+    return pipeline if args.dtype == "float32" else pipeline.to(dtype=getattr(torch, args.dtype))
 
 
 def score_folder(args, reference, extractor_args) -> dict:

@@ -150,11 +150,13 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 class ClassifierFeatures(FeatureExtractor):
-    """Penultimate features of a trained `SmallClassifier`. `info` holds its test accuracy and training record."""
+    """Penultimate features of a trained `SmallClassifier`, times a fixed `scale` (chosen at training so that
+    the features' mean square is 1). `info` holds the classifier's test accuracy and training record."""
 
-    def __init__(self, classifier: SmallClassifier, name: str, info: dict | None = None):
+    def __init__(self, classifier: SmallClassifier, name: str, info: dict | None = None, scale: float = 1.0):
         super().__init__()
         self.classifier = classifier.eval()
+        self.scale = float(scale)
         self.name = name
         self.num_features = classifier.config["feature_dim"]
         self.info = dict(info or {})
@@ -164,4 +166,4 @@ class ClassifierFeatures(FeatureExtractor):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_uint8_images(images)
-        return self.classifier.features(uint8_to_unit(images))
+        return self.classifier.features(uint8_to_unit(images)) * self.scale
