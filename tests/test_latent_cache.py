@@ -55,10 +55,16 @@ def build(directory, dataset, vae, flip=True, **kwargs):
     return build_latent_cache(directory, images(dataset), vae, **options)
 
 
-def test_cache_stores_the_vae_distribution_of_each_image_and_its_mirror(tmp_path, dataset, vae):
-    cache = build(tmp_path / "cache", dataset, vae)
+@pytest.fixture(scope="module")
+def flipped_cache(tmp_path_factory, dataset, vae):
+    """A cache of the labelled images and their mirrors, 3 chunks of 5 rows. Read-only."""
+    return build(tmp_path_factory.mktemp("latents") / "cache", dataset, vae, flip=True)
+
+
+def test_cache_stores_the_vae_distribution_of_each_image_and_its_mirror(flipped_cache, dataset, vae):
+    cache = flipped_cache
     assert len(cache) == len(dataset) == 12 and cache.num_chunks == 3
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+    assert sorted(p.name for p in cache.directory.iterdir()) == [
         "chunk-000000.pt", "chunk-000001.pt", "chunk-000002.pt", "meta.json"]
     source = images(dataset)
     for row in (0, 7, 11):
@@ -73,9 +79,8 @@ def test_cache_stores_the_vae_distribution_of_each_image_and_its_mirror(tmp_path
     assert not torch.allclose(cache[0]["latent_mean"], cache[0]["latent_mean_flipped"])
 
 
-def test_sampling_from_the_cache_stays_stochastic(tmp_path, dataset, vae):
-    cache = build(tmp_path / "cache", dataset, vae, flip=False)
-    mean, std = cache[0]["latent_mean"], cache[0]["latent_std"]
+def test_sampling_from_the_cache_stays_stochastic(flipped_cache, vae):
+    mean, std = flipped_cache[0]["latent_mean"], flipped_cache[0]["latent_std"]
     draws = torch.stack([sample_latents(mean, std) for _ in range(400)])
     assert not torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws.mean(0), mean, atol=4 * std.max().item() / 20, rtol=0)
@@ -119,10 +124,10 @@ def loader_batches(samples, epochs=2, batch_size=4):
         yield from loader
 
 
-def test_cache_gives_the_same_training_batches_as_the_images(tmp_path, dataset, vae):
+def test_cache_gives_the_same_training_batches_as_the_images(flipped_cache, dataset, vae):
     """Same seed: the same rows in the same order, the same flips, prompts and groups, and latents drawn
     from the same distributions with the same random numbers."""
-    cache = build(tmp_path / "cache", dataset, vae, flip=True)
+    cache = flipped_cache
     tokenizer = tiny_clip_tokenizer()
     captioner = Captioner.for_dataset(dataset, "label", synonyms="random", caption_dropout=0.3)
     from_images = PromptedSamples(images(dataset, flip=True, seed=3), captioner, tokenizer, "label")

@@ -1,0 +1,278 @@
+"""train_immiscible_sd.py end to end, on a tiny SD model and tiny image folders, offline, on the CPU.
+
+Five `accelerate launch` runs, shared by the tests (each costs seconds of imports):
+  finetune  fine-tune, linear assignment grouped by label, EMA, checkpoints every 2 steps (keep 2), validation,
+            min-SNR, noise offset, input perturbation, caption dropout, flips; 6 steps over 2 epochs
+  cached    the same from --cache_latents                       -> the same training as from the images
+  resumed   the finetune run resumed from its checkpoint-4       -> bit-identical to the finetune run
+  scratch   from scratch, KNN, v-prediction, gradient accumulation, text captions (lists), random crops
+  global    2 processes (gloo), global linear assignment grouped by label, cache built by both processes
+and one plain `python` process that runs the script's argument and data errors in turn.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from sd_fixtures import captioned_folder, labelled_folder, tiny_sd  # noqa: F401 - pytest fixtures
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "train_immiscible_sd.py"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(**extra) -> dict:
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path, **extra)
+
+
+def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
+    """Runs the script with `accelerate launch`; returns output_dir (the log is output_dir.log)."""
+    if processes == 1:
+        cmd = LAUNCH + ["--num_processes", "1"]
+        env = environment()
+    else:  # MULTI_CPU with gloo: --multi_gpu plus ACCELERATE_USE_CPU (see DESIGN.md)
+        cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        env = environment(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + [str(SCRIPT), "--output_dir", str(output_dir), *map(str, flags)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    Path(f"{output_dir}.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return output_dir
+
+
+def finetune_flags(tiny_sd, data):
+    return ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--caption_column", "label",
+            "--train_batch_size", 4, "--max_train_steps", 6, "--learning_rate", 1e-3, "--lr_warmup_steps", 0,
+            "--seed", 0, "--immiscible", "linear", "--immiscible_groups", "label", "--use_ema",
+            "--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--validation_prompts", "a photo of a tench",
+            "a photo of a goldfish", "--validation_steps", 3, "--validation_inference_steps", 2, "--center_crop",
+            "--random_flip", "--caption_dropout", 0.2, "--snr_gamma", 5, "--noise_offset", 0.05,
+            "--input_perturbation", 0.1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("sd_runs")
+
+
+@pytest.fixture(scope="module")
+def finetune(runs, tiny_sd, labelled_folder):
+    return launch(runs / "finetune", finetune_flags(tiny_sd, labelled_folder))
+
+
+@pytest.fixture(scope="module")
+def cached(runs, tiny_sd, labelled_folder):
+    return launch(runs / "cached", finetune_flags(tiny_sd, labelled_folder) + ["--cache_latents", runs / "cache"])
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, finetune, tiny_sd, labelled_folder):
+    output = runs / "resumed"
+    output.mkdir()
+    shutil.copytree(finetune / "checkpoint-4", output / "checkpoint-4")
+    return launch(output, finetune_flags(tiny_sd, labelled_folder) + ["--resume_from_checkpoint", "latest"])
+
+
+@pytest.fixture(scope="module")
+def scratch(runs, tiny_sd, captioned_folder):
+    return launch(runs / "scratch", [
+        "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", captioned_folder, "--caption_column", "text",
+        "--from_scratch", "--resolution", 16, "--immiscible", "knn", "--immiscible_k", 4,
+        "--prediction_type", "v_prediction", "--gradient_accumulation_steps", 2, "--train_batch_size", 2,
+        "--max_train_steps", 3, "--lr_warmup_steps", 0, "--seed", 1, "--caption_dropout", 0.1,
+        "--image_interpolation_mode", "bicubic", "--validation_prompts", "a red shape number 3",
+        "--validation_inference_steps", 2])
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs, tiny_sd, labelled_folder):
+    return launch(runs / "global", [
+        "--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", labelled_folder, "--train_batch_size", 3,
+        "--max_train_steps", 2, "--lr_warmup_steps", 0, "--seed", 0, "--immiscible", "linear",
+        "--assignment_scope", "global", "--immiscible_groups", "label", "--center_crop", "--random_flip",
+        "--cache_latents", runs / "cache_global", "--cache_latents_chunk_size", 3], processes=2)
+
+
+def unet_weights(folder: Path) -> dict:
+    return load_file(folder / WEIGHTS)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
+
+
+def scalars(output_dir: Path) -> dict:
+    """{tag: [values by step]} from the run's TensorBoard logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in sorted((output_dir / "logs").rglob("events.out.tfevents*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found[tag] = [event.value for event in accumulator.Scalars(tag)]
+    return found
+
+
+def generate(output_dir: Path, prompt: str):
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    return pipeline, image
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+
+def test_finetuned_pipeline_loads_and_generates_from_a_prompt(finetune, tiny_sd):
+    pipeline, image = generate(finetune, "a photo of a tench")
+    assert type(pipeline).__name__ == "StableDiffusionPipeline"
+    assert pipeline.safety_checker is None and not pipeline.config.requires_safety_checker
+    assert isinstance(image, Image.Image) and image.size == (16, 16)
+    pretrained = Path(tiny_sd)
+    assert max_difference(unet_weights(finetune / "unet"), unet_weights(pretrained / "unet")) > 1e-4  # trained
+    assert max_difference(unet_weights(finetune / "vae"), unet_weights(pretrained / "vae")) == 0  # frozen
+    config = json.loads((finetune / "training_config.json").read_text())
+    assert config["global_step"] == 6 and config["num_processes"] == 1
+    assert config["class_names"] == ["goldfish, Carassius auratus", "tench, Tinca tinca"]
+    assert (finetune / "samples.png").is_file() and (finetune / "samples" / "step-000003.png").is_file()
+
+
+def test_checkpoint_rotation_and_ema(finetune):
+    assert sorted(path.name for path in finetune.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    last = finetune / "checkpoint-6"
+    saved = unet_weights(finetune / "unet")
+    assert max_difference(saved, unet_weights(last / "unet_ema")) == 0  # the pipeline holds the EMA weights
+    assert max_difference(saved, unet_weights(last / "unet")) > 1e-5  # which are not the raw weights
+    assert json.loads((last / "unet_ema" / "ema_state.json").read_text())["optimization_step"] == 6
+
+
+def test_assignment_is_logged_every_step(finetune):
+    logged = scalars(finetune)
+    assert len(logged["loss"]) == 6 and all(torch.isfinite(torch.tensor(logged["loss"])))
+    assert logged["immiscible/batch_size"] == [4.0] * 6
+    reductions = logged["immiscible/relative_reduction"]
+    assert min(reductions) >= 0 and max(reductions) > 0  # grouped by label: some steps pair within a class
+    assert "ema_decay" in logged
+
+
+def test_resume_from_checkpoint_is_exact(finetune, resumed):
+    assert "Resuming from checkpoint" in Path(f"{resumed}.log").read_text()
+    assert max_difference(unet_weights(resumed / "unet"), unet_weights(finetune / "unet")) == 0
+    assert max_difference(unet_weights(resumed / "checkpoint-6" / "unet"), unet_weights(finetune / "checkpoint-6" / "unet")) == 0
+    assert len(scalars(resumed)["loss"]) == 2  # steps 5 and 6 only: seen batches were skipped
+
+
+def test_cached_latents_train_like_the_images(finetune, cached, runs, tiny_sd):
+    """Same seed: the cache gives the same batches (checked exactly in test_latent_cache.py), so the run ends
+    at the same weights, up to the float rounding of encoding images in other batches."""
+    trained, from_cache = unet_weights(finetune / "unet"), unet_weights(cached / "unet")
+    change = max_difference(trained, unet_weights(Path(tiny_sd) / "unet"))
+    assert max_difference(trained, from_cache) < 0.05 * change
+    assert torch.allclose(torch.tensor(scalars(cached)["loss"]), torch.tensor(scalars(finetune)["loss"]), rtol=1e-3)
+    meta = json.loads((runs / "cache" / "meta.json").read_text())
+    assert meta["num_rows"] == 12 and meta["flip"] and meta["settings"]["resolution"] == 16
+    assert (runs / "cache" / "chunk-000000.pt").is_file()
+
+
+# --- from scratch, KNN, v-prediction, captions ---------------------------------------------------------------
+
+def test_from_scratch_knn_v_prediction_with_text_captions(scratch, tiny_sd):
+    pipeline, image = generate(scratch, "a red shape number 3")
+    assert image.size == (16, 16)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"  # sampling uses the trained objective
+    assert type(pipeline.scheduler).__name__ == "PNDMScheduler"  # the pretrained model's sampler
+    pretrained = unet_weights(Path(tiny_sd) / "unet")
+    # Random initialisation, not the pretrained weights plus 3 small steps.
+    assert max_difference(unet_weights(scratch / "unet"), pretrained) > 0.05
+    logged = scalars(scratch)
+    assert len(logged["loss"]) == 3  # optimisation steps, each over 2 micro-batches
+    assert all(value > 0 for value in logged["immiscible/relative_reduction"])  # KNN always moves closer
+    assert json.loads((scratch / "training_config.json").read_text())["class_names"] is None
+
+
+# --- two processes ------------------------------------------------------------------------------------------
+
+def test_two_processes_with_global_assignment(two_processes, runs):
+    config = json.loads((two_processes / "training_config.json").read_text())
+    assert config["num_processes"] == 2  # really two processes, not two unsynchronised single ones
+    logged = scalars(two_processes)
+    assert logged["immiscible/num_processes"] == [2.0, 2.0]
+    assert logged["immiscible/batch_size"] == [6.0, 6.0]  # the global batch: 2 processes x 3
+    cache = runs / "cache_global"
+    encoders = {torch.load(chunk, weights_only=True)["encoded_by"] for chunk in cache.glob("chunk-*.pt")}
+    assert len(list(cache.glob("chunk-*.pt"))) == 4 and encoders == {0, 1}  # both processes encoded
+    _, image = generate(two_processes, "a photo of a goldfish")
+    assert image.size == (16, 16)
+
+
+# --- clear errors -------------------------------------------------------------------------------------------
+
+ERRORS_DRIVER = """
+import json, sys
+from train_immiscible_sd import main, parse_args
+cases, results = json.loads(sys.argv[1]), {}
+for name, argv in cases.items():
+    try:
+        main(parse_args(argv))
+        results[name] = None
+    except ValueError as error:
+        results[name] = str(error)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(labelled_folder, corrupt)
+    broken = corrupt / "tench, Tinca tinca" / "broken.png"
+    good = next((corrupt / "tench, Tinca tinca").glob("*.png")).read_bytes()
+    broken.write_bytes(good[: len(good) // 2])  # a valid header, truncated pixel data
+    base = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--train_batch_size", "4",
+            "--max_train_steps", "4", "--checkpointing_steps", "100"]
+    model = ["--pretrained_model_name_or_path", tiny_sd]
+    cases = {
+        "no_model": ["--pretrained_model_name_or_path", str(tmp_path / "no-such-model"),
+                     "--train_data_dir", str(labelled_folder)] + base,
+        "not_a_model": ["--pretrained_model_name_or_path", str(labelled_folder),
+                        "--train_data_dir", str(labelled_folder)] + base,
+        "missing_column": model + ["--train_data_dir", str(labelled_folder), "--caption_column", "caption"] + base,
+        "no_class_names": model + ["--train_data_dir", str(captioned_folder), "--caption_column", "class_id"] + base,
+        "corrupt_image": model + ["--train_data_dir", str(corrupt)] + base,
+        "xformers": model + ["--train_data_dir", str(labelled_folder),
+                             "--enable_xformers_memory_efficient_attention"] + base,
+        "cache_needs_center_crop": model + ["--train_data_dir", str(labelled_folder), "--cache_latents",
+                                            str(tmp_path / "cache")] + base,
+    }
+    proc = subprocess.run([sys.executable, "-c", ERRORS_DRIVER, json.dumps(cases)], env=environment(), cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.split("RESULTS")[-1])
+    assert "no-such-model: no such folder" in results["no_model"]
+    assert "not a Stable Diffusion model: it has no unet, vae, text_encoder, tokenizer, scheduler" in results["not_a_model"]
+    assert "--caption_column 'caption' is not a column of the dataset; its columns are: image, label" in \
+        results["missing_column"]
+    assert "'class_id' holds integer labels without class names" in results["no_class_names"]
+    assert f"cannot read the image {broken}" in results["corrupt_image"]
+    assert "xformers" in results["xformers"] and "not installed" in results["xformers"]
+    assert "add --center_crop" in results["cache_needs_center_crop"]
+
