@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -49,8 +50,9 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model and diffusion")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="A Stable Diffusion model (Hub id or local folder) giving the VAE, text encoder, tokenizer, "
-                            "noise scheduler and the UNet (its weights, or only its config with --from_scratch).")
+                       help="A Stable Diffusion model (Hub id or local folder) giving the VAE, text encoder, "
+                            "tokenizer, noise scheduler and the UNet (its weights, or only its config with "
+                            "--from_scratch).")
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
     model.add_argument("--from_scratch", action="store_true",
@@ -282,11 +284,14 @@ def main(args):
                     "dataset_fingerprint": getattr(dataset, "_fingerprint", None), "image_column": args.image_column,
                     "caption_column": args.caption_column, "resolution": resolution,
                     "interpolation": args.image_interpolation_mode, "vae_dtype": str(frozen_dtype)}
+        started = time.perf_counter()
         cache = build_latent_cache(args.cache_latents, to_encode, vae, settings, accelerator,
                                    batch_size=args.train_batch_size, chunk_size=args.cache_latents_chunk_size,
                                    flip=args.random_flip,
                                    dtype=args.cache_latents_dtype, num_workers=args.dataloader_num_workers,
                                    caption_key=args.caption_column)
+        logger.info(f"Latent cache {args.cache_latents}: {len(cache)} images ready in "
+                    f"{time.perf_counter() - started:.1f} s")
         samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=args.caption_column)
     train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=args.caption_column)
     loader = train_dataloader(train_samples, args.train_batch_size, args.dataloader_num_workers)
@@ -323,7 +328,8 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
                 f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
-                f"steps ({num_epochs} epochs) at {resolution} px; UNet {'from scratch' if args.from_scratch else 'fine-tuned'}; "
+                f"steps ({num_epochs} epochs) at {resolution} px; UNet "
+                f"{'from scratch' if args.from_scratch else 'fine-tuned'}; "
                 f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
                 f"{args.caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
@@ -368,7 +374,8 @@ def main(args):
                     input_noise = noise + args.input_perturbation * torch.randn_like(noise)
                 noisy_latents = noise_scheduler.add_noise(latents, input_noise, timesteps)
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-                loss = min_snr_loss(noise_scheduler, model_pred, latents, noise, timesteps, args.snr_gamma)  # target: `noise`
+                # The target is built from the assigned `noise` (epsilon, or the velocity for v-prediction).
+                loss = min_snr_loss(noise_scheduler, model_pred, latents, noise, timesteps, args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

@@ -29,15 +29,17 @@ def tiny_clip_tokenizer(model_max_length: int = TOKENIZER_MAX_LENGTH):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def tiny_sd_components(resolution: int = 16, seed: int = 0) -> dict:
-    """The five parts of a tiny SD v1-style pipeline: VAE with one 2x down-sampling, so latents are
-    [4, resolution / 2, resolution / 2]; a 2-layer CLIP text encoder of width 16; a 2-level UNet with
-    cross-attention."""
+def tiny_sd_components(resolution: int = 16, seed: int = 0, vae_channels: tuple = (8, 16)) -> dict:
+    """The five parts of a tiny SD v1-style pipeline: a VAE with one block per entry of `vae_channels`, each
+    but the last halving the size (default: one 2x down-sampling, so latents are [4, resolution / 2,
+    resolution / 2]; SD's VAE has 4 blocks, 128-512 channels, /8); a 2-layer CLIP text encoder of width 16; a
+    2-level UNet with cross-attention."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if resolution % 4:
-        raise ValueError(f"resolution must be a multiple of 4, got {resolution}")
+    factor = 2 ** (len(vae_channels) - 1)
+    if resolution % (2 * factor):
+        raise ValueError(f"resolution must be a multiple of {2 * factor} for this VAE, got {resolution}")
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -46,11 +48,12 @@ def tiny_sd_components(resolution: int = 16, seed: int = 0) -> dict:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=resolution)
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), norm_num_groups=4, sample_size=resolution)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        sample_size=resolution // factor, in_channels=4, out_channels=4, block_out_channels=(16, 32),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
         norm_num_groups=8)
@@ -59,11 +62,12 @@ def tiny_sd_components(resolution: int = 16, seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def build_tiny_sd(path: str | os.PathLike, resolution: int = 16, seed: int = 0) -> str:
+def build_tiny_sd(path: str | os.PathLike, resolution: int = 16, seed: int = 0,
+                  vae_channels: tuple = (8, 16)) -> str:
     """Saves a tiny StableDiffusionPipeline (safety checker off) at `path` and returns the path."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline(**tiny_sd_components(resolution, seed), safety_checker=None,
+    pipeline = StableDiffusionPipeline(**tiny_sd_components(resolution, seed, vae_channels), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(path)
     return str(path)

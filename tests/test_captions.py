@@ -68,7 +68,7 @@ def test_text_groups_are_stable_prompt_hashes():
     assert captioner.sample("a cat", gen(0))[1] == captioner.sample("a cat", gen(1))[1] == prompt_id("a cat")
     assert prompt_id("a cat") != prompt_id("a dog")
     assert 0 <= prompt_id("anything") < 2**63
-    assert prompt_id("a cat") == 5867787368591784627  # the same in every process and run (blake2b, not the salted hash())
+    assert prompt_id("a cat") == 5867787368591784627  # the same in every process and run (not the salted hash())
 
 
 def test_clear_errors():
