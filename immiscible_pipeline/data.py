@@ -243,7 +243,17 @@ class TrainImages(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
-        row = self.dataset[index]
+        return self._item(index, self.dataset[index])
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's rows in one read (the DataLoader uses this): several times faster than row by row."""
+        if not hasattr(self.dataset, "column_names") or not hasattr(self.dataset, "select"):
+            return [self[index] for index in indices]
+        columns = self.dataset[list(indices)]  # a datasets.Dataset returns {column: [values]}
+        return [self._item(index, {name: values[i] for name, values in columns.items()})
+                for i, index in enumerate(indices)]
+
+    def _item(self, index: int, row: dict) -> dict:
         value = row[self.image_column]
         try:
             image = to_pil(value)

@@ -64,8 +64,8 @@ def check_unet_config(config: dict) -> None:
     factor = downsampling_factor(config)
     if not isinstance(resolution, int) or resolution < factor or resolution % factor:
         raise ValueError(f"--resolution {resolution} does not fit the UNet: its "
-                         f"{len(config.get('down_block_types', ()))} down blocks halve the image "
-                         f"{factor.bit_length() - 1} times, so the resolution must be a multiple of {factor}")
+                         f"{len(config.get('down_block_types', ()))} down blocks shrink the image {factor}x, so the "
+                         f"resolution must be a multiple of {factor}")
     channels = config.get("in_channels"), config.get("out_channels")
     if channels[0] != channels[1] or channels[0] not in (1, 3):
         raise ValueError(f"the UNet config has in_channels={channels[0]} and out_channels={channels[1]}; a pixel "

@@ -1,0 +1,291 @@
+"""train_immiscible_ddim.py end to end: launched runs (1 and 2 processes) and in-process runs with spies.
+
+Launches cost several seconds of imports each, so there are three; the rest runs `main()` in this process.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import DDIMPipeline, DDPMScheduler, DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import immiscible_pipeline.hub as hub
+
+SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_immiscible_ddim", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
+    """Arguments for a tiny run: 12 images of the shared folder, 8 px, batch 4, 2 DDIM steps for samples."""
+    def make(output_dir, *extra):
+        return ["--train_data_dir", str(tiny_imagefolder), "--model_config_name_or_path", str(tiny_unet_config_path),
+                "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "datasets-cache"),
+                "--train_batch_size", "4", "--ddim_num_inference_steps", "2", "--num_validation_images", "4",
+                "--seed", "0", *map(str, extra)]
+    return make
+
+
+def run_in_process(trainer, argv):
+    """`main()` in this process, on a clean Accelerate state (it is process-wide)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        trainer.main(trainer.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
+    topology = ["--num_processes", "1"] if processes == 1 else [
+        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", *topology, str(SCRIPT), *argv]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def scalars(output_dir) -> dict:
+    """The last value of every scalar the run logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (Path(output_dir) / "logs" / "train_immiscible_ddim").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    values = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    values["images"] = events.Tags()["images"]
+    return values
+
+
+def summary(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "training_config.json").read_text())
+
+
+def checkpoints(output_dir) -> list:
+    return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
+
+
+# --- launched runs ---------------------------------------------------------------------------------------
+
+def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_path, tiny_args):
+    output = tmp_path / "run"
+    launch(tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                     "--validation_steps", 3, "--use_ema", "--random_flip"))
+    assert checkpoints(output) == ["checkpoint-4"]  # checkpoint-2 rotated away
+    assert {"unet", "unet_ema", "optimizer.bin", "random_states_0.pkl"} <= {
+        path.name for path in (output / "checkpoint-4").iterdir()}
+    assert (output / "samples" / "step-000003.png").is_file() and (output / "samples.png").is_file()
+    pipeline = DiffusionPipeline.from_pretrained(output)
+    assert isinstance(pipeline, DDIMPipeline)
+    images = pipeline(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert [image.size for image in images] == [(8, 8), (8, 8)] and images[0].mode == "RGB"
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert summary(output)["global_step"] == 4 and summary(output)["num_processes"] == 1
+    logged = scalars(output)
+    assert logged["immiscible/batch_size"] == 4 and logged["immiscible/relative_reduction"] >= 0
+    assert {"loss", "lr", "immiscible/time_ms", "ema_decay"} <= set(logged) and logged["images"] == ["samples"]
+
+    result = launch(tiny_args(output, "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                              "--validation_steps", 3, "--use_ema", "--random_flip", "--resume_from_checkpoint", "latest"))
+    assert f"Resuming from checkpoint {output / 'checkpoint-4'}" in result.stdout + result.stderr
+    assert checkpoints(output) == ["checkpoint-6"] and summary(output)["global_step"] == 6
+
+
+def test_two_processes_assign_over_the_global_batch(tmp_path, tiny_args):
+    output = tmp_path / "run"
+    launch(tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
+                     "--checkpointing_steps", 100, "--validation_steps", 100), processes=2)
+    assert summary(output)["num_processes"] == 2 and summary(output)["total_batch_size"] == 6
+    logged = scalars(output)
+    assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6  # both batches as one
+    assert isinstance(DiffusionPipeline.from_pretrained(output), DDIMPipeline)
+
+
+# --- in-process runs -------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_path, tiny_args, monkeypatch):
+    # 12 images, batch 4, accumulation 2: updates of [b0 b1] [b2] per epoch; checkpoint 3 is mid-epoch 1.
+    flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
+             "--validation_steps", 2, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
+             "--report_to", "none"]
+    calls = []
+    real_build, real_save = trainer.build_immiscible, trainer.save_checkpoint
+
+    def counting_build(*args, **kwargs):
+        imm = real_build(*args, **kwargs)
+
+        class Counting:
+            last_stats = property(lambda self: imm.last_stats)
+
+            def __call__(self, x0, **kw):
+                calls.append(x0.shape[0])
+                return imm(x0, **kw)
+        return Counting()
+
+    def save_then_crash(accelerator, output_dir, step, total_limit=None):
+        path = real_save(accelerator, output_dir, step, total_limit)
+        if step == 3 and "interrupted" in str(output_dir):
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(trainer, "build_immiscible", counting_build)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
+    assert len(calls) == 8
+    with pytest.raises(Interrupted):
+        run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags))
+    calls.clear()
+    run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags, "--resume_from_checkpoint", "latest"))
+    assert len(calls) == 3  # only the batches after checkpoint-3 were trained again
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "interrupted" / weights)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    grids = [Image.open(tmp_path / run / "samples.png").tobytes() for run in ("straight", "interrupted")]
+    assert grids[0] == grids[1]
+
+
+def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp_path, tiny_args, monkeypatch):
+    returned, losses, added = [], [], []
+    real_build, real_loss, real_add_noise = trainer.build_immiscible, trainer.diffusion_loss, DDPMScheduler.add_noise
+
+    def build_permuting(*args, **kwargs):
+        imm = real_build(*args, **kwargs)
+
+        class Permuting:  # returns a noise no plain draw would give: the assigned noise, rolled by one sample
+            last_stats = property(lambda self: imm.last_stats)
+
+            def __call__(self, x0, **kw):
+                noise = imm(x0, **kw).roll(1, dims=0)
+                returned.append(noise.clone())
+                return noise
+        return Permuting()
+
+    def recording_loss(scheduler, model_pred, clean, noise, timesteps):
+        losses.append(noise.clone())
+        return real_loss(scheduler, model_pred, clean, noise, timesteps)
+
+    def recording_add_noise(self, original, noise, timesteps):
+        added.append(noise.clone())
+        return real_add_noise(self, original, noise, timesteps)
+
+    monkeypatch.setattr(trainer, "build_immiscible", build_permuting)
+    monkeypatch.setattr(trainer, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
+    # "global" with one process must simply work (the same as local).
+    run_in_process(trainer, tiny_args(tmp_path / "run", "--max_train_steps", 3, "--report_to", "none",
+                                      "--assignment_scope", "global"))
+    assert len(returned) == len(losses) == len(added) == 3
+    for mine, target, noised in zip(returned, losses, added):
+        assert torch.equal(mine, target) and torch.equal(mine, noised)
+
+
+def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tmp_path, tiny_args, monkeypatch):
+    output = tmp_path / "run"
+    created, uploaded = [], []
+
+    def fake_create_repo(**kwargs):
+        created.append({**kwargs, "trained_yet": (output / "unet").exists()})
+        return type("Repo", (), {"repo_id": "me/tiny-ddim"})()
+
+    monkeypatch.setattr(hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploaded.append(kwargs))
+    run_in_process(trainer, tiny_args(output, "--max_train_steps", 2, "--checkpointing_steps", 1, "--report_to", "none",
+                                      "--immiscible", "knn", "--immiscible_k", 4, "--push_to_hub", "--hub_model_id",
+                                      "tiny-ddim", "--hub_token", "tok", "--hub_private_repo"))
+    assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True, "trained_yet": False}]
+    (upload,) = uploaded
+    assert upload["folder_path"] == str(output) and upload["repo_id"] == "me/tiny-ddim"
+    assert upload["ignore_patterns"] == ["checkpoint-*"] and upload["token"] == "tok"
+    card = (output / "README.md").read_text()
+    for text in ("- immiscible-diffusion", "- immiscible-knn", "- ddim", "| assignment | knn |", "| k (knn) | 4 |",
+                 "| assignment scope | local |", "| batch size (total) | 4 |", "| steps | 2 |",
+                 f"| dataset | image folder {tiny_args(output)[1]} |", "![samples](samples.png)",
+                 'DiffusionPipeline.from_pretrained("me/tiny-ddim")'):
+        assert text in card, text
+
+
+# --- flags and errors ------------------------------------------------------------------------------------
+
+def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
+    demo = trainer.parse_args([])
+    assert demo.bundled_demo and demo.max_train_steps == 1500 and demo.use_ema and demo.learning_rate == 3e-4
+    mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
+    assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
+    dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
+    assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--immiscible_k", "0"], "--immiscible_k must be at least 1, got 0"),
+    (["--report_to", "wandb", "--hub_token", "x"], "--report_to wandb needs wandb"),  # wandb is not installed here
+    (["--enable_xformers_memory_efficient_attention"], "needs the xformers package"),
+    (["--dataset_name", "cifar10", "--train_data_dir", "."], "either --dataset_name or --train_data_dir, not both"),
+    (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),
+])
+def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        trainer.parse_args(argv)
+
+
+def test_hub_token_with_wandb_is_refused(trainer, monkeypatch):
+    monkeypatch.setattr(trainer, "check_report_to", lambda report_to: None)  # as if wandb were installed
+    with pytest.raises(ValueError, match="--report_to=wandb and --hub_token"):
+        trainer.parse_args(["--report_to", "wandb", "--hub_token", "x"])
+
+
+def _broken_folder(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"not a png at all")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["column", "resolution", "corrupt", "empty", "checkpoint"])
+def test_data_and_model_errors_name_the_culprit(trainer, tmp_path, tiny_args, case):
+    argv = tiny_args(tmp_path / "run", "--max_train_steps", 1, "--report_to", "none")
+    if case == "column":
+        argv, message = argv + ["--image_column", "img"], r"--image_column 'img' is not a column .*: image, label"
+    elif case == "resolution":
+        argv, message = argv + ["--resolution", "7"], "--resolution 7 does not fit the UNet"
+    elif case == "corrupt":
+        argv[1] = str(_broken_folder(tmp_path))
+        message = r"cannot read the image .*bad\.png"
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        argv[1] = str(tmp_path / "empty")
+        message = "--train_data_dir .*empty holds no images"
+    else:
+        argv, message = argv + ["--resume_from_checkpoint", "checkpoint-9"], "no such checkpoint folder"
+    with pytest.raises(ValueError, match=message):
+        run_in_process(trainer, argv)

@@ -1,0 +1,189 @@
+"""immiscible_pipeline.training: loss target, checkpoints, resume position, EMA hooks, trackers, grids."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from PIL import Image
+
+from immiscible_pipeline.training import (averaged_weights, check_report_to, check_xformers_available,
+                                          checkpoint_step, diffusion_loss, find_checkpoint, image_grid,
+                                          list_checkpoints, log_images, load_ema, register_checkpoint_hooks,
+                                          resume_position, rotate_checkpoints, sample_images, save_ema,
+                                          tracker_config, training_target, updates_per_epoch, weight_dtype)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide state; each in-process Accelerator starts from a clean one."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_target_is_built_from_the_noise_given(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator)
+    timesteps = torch.tensor([0, 10, 50, 99])
+    target = training_target(scheduler, clean, noise, timesteps)
+    alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "v_prediction": alpha.sqrt() * noise - (1 - alpha).sqrt() * clean,
+                "sample": clean}[prediction_type]
+    assert torch.allclose(target, expected, atol=1e-6)
+    prediction = torch.randn(4, 3, 8, 8, generator=generator).half()
+    assert torch.allclose(diffusion_loss(scheduler, prediction, clean, noise, timesteps),
+                          ((prediction.float() - expected) ** 2).mean(), atol=1e-6)
+    if prediction_type != "sample":  # another noise, another target
+        other = noise.flip(0)
+        assert not torch.allclose(training_target(scheduler, clean, other, timesteps), target)
+
+
+def test_precision_and_xformers():
+    assert weight_dtype("fp16") == torch.float16 and weight_dtype("bf16") == torch.bfloat16
+    assert weight_dtype("no") == weight_dtype(None) == torch.float32
+    with pytest.raises(ValueError, match="--enable_xformers_memory_efficient_attention needs the xformers"):
+        check_xformers_available()  # xformers is not installed here (and must not be needed)
+
+
+def test_report_to_checks_the_tracker_is_installed():
+    check_report_to("tensorboard")
+    check_report_to("none")
+    with pytest.raises(ValueError, match="--report_to wandb needs wandb"):
+        check_report_to("wandb")  # wandb is not installed here
+    assert tracker_config({"a": 1, "b": None, "c": [1, 2], "d": True}) == {"a": 1, "b": "None", "c": "[1, 2]",
+                                                                         "d": True}
+
+
+def _checkpoints(folder, steps):
+    for step in steps:
+        (folder / f"checkpoint-{step}").mkdir()
+    (folder / "checkpoint-final").mkdir()  # not a step: ignored
+    (folder / "unet").mkdir()
+
+
+def test_checkpoint_listing_rotation_and_lookup(tmp_path):
+    _checkpoints(tmp_path, [10, 200, 30])
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30", "checkpoint-200"]
+    assert checkpoint_step(tmp_path / "checkpoint-200") == 200
+    assert find_checkpoint("latest", tmp_path).name == "checkpoint-200"
+    assert find_checkpoint("checkpoint-30", tmp_path) == tmp_path / "checkpoint-30"  # a name in output_dir
+    assert find_checkpoint(str(tmp_path / "checkpoint-10"), "elsewhere") == tmp_path / "checkpoint-10"  # a path
+    assert find_checkpoint(None, tmp_path) is None and find_checkpoint("latest", tmp_path / "new") is None
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint checkpoint-5: no such checkpoint .*"
+                                         r"available: \['checkpoint-10', 'checkpoint-30', 'checkpoint-200'\]"):
+        find_checkpoint("checkpoint-5", tmp_path)
+    assert rotate_checkpoints(tmp_path, None) == []
+    removed = rotate_checkpoints(tmp_path, 2)  # room for one more within 2: keep only the newest
+    assert [path.name for path in removed] == ["checkpoint-10", "checkpoint-30"]
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-200"]
+    assert (tmp_path / "checkpoint-final").is_dir() and (tmp_path / "unet").is_dir()
+
+
+def test_resume_position_counts_accumulated_batches():
+    assert updates_per_epoch(5, 2) == 3 and updates_per_epoch(4, 2) == 2
+    assert resume_position(0, 3, 2) == (0, 0)
+    assert resume_position(2, 3, 2) == (0, 4)  # two updates of two batches each
+    assert resume_position(3, 3, 2) == (1, 0)
+    assert resume_position(7, 3, 2) == (2, 2)
+
+
+def _tiny_unet(config):
+    torch.manual_seed(0)
+    return UNet2DModel(**config)
+
+
+def test_ema_round_trip_is_exact(tmp_path, tiny_unet_config):
+    model = _tiny_unet(tiny_unet_config)
+    ema = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=0.5, model_cls=UNet2DModel,
+                   model_config=model.config)
+    for _ in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param))
+        ema.step(model.parameters())
+    save_ema(ema, tmp_path / "ema")
+    assert UNet2DModel.from_pretrained(tmp_path / "ema") is not None  # a plain model folder
+    restored = EMAModel(_tiny_unet(tiny_unet_config).parameters(), model_cls=UNet2DModel, model_config=model.config)
+    load_ema(restored, tmp_path / "ema")
+    assert restored.optimization_step == 3 and restored.decay == 0.9 and restored.power == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, restored.shadow_params))
+    assert json.loads((tmp_path / "ema" / "ema_state.json").read_text())["use_ema_warmup"] is True
+
+
+def test_checkpoint_hooks_restore_model_and_ema(tmp_path, tiny_unet_config, fresh_accelerate):
+    accelerator = Accelerator(cpu=True)
+    model = _tiny_unet(tiny_unet_config)
+    ema = EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config)
+    register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).sample.mean().backward()
+    optimizer.step()
+    ema.step(model.parameters())
+    saved = {key: value.clone() for key, value in model.state_dict().items()}
+    saved_ema = [param.clone() for param in ema.shadow_params]
+    accelerator.save_state(str(tmp_path / "checkpoint-1"))
+    assert (tmp_path / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "checkpoint-1" / "unet_ema" / "ema_state.json").is_file()
+    assert not (tmp_path / "checkpoint-1" / "model.safetensors").exists()  # saved once, by the hook
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        ema.shadow_params = [torch.zeros_like(param) for param in ema.shadow_params]
+        ema.optimization_step = 0
+    accelerator.load_state(str(tmp_path / "checkpoint-1"))
+    assert all(torch.equal(saved[key], value) for key, value in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(saved_ema, ema.shadow_params)) and ema.optimization_step == 1
+
+
+def test_averaged_weights_swaps_in_and_out(tiny_unet_config):
+    model = _tiny_unet(tiny_unet_config)
+    ema = EMAModel(model.parameters())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    trained = [param.clone() for param in model.parameters()]
+    with averaged_weights(model.parameters(), ema):
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow_params))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    with averaged_weights(model.parameters(), None):
+        assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+def test_image_grid_is_square_ish_and_enlarged():
+    images = [Image.new("L", (8, 8), value) for value in range(0, 250, 50)]  # 5 images
+    grid = image_grid(images, min_cell=32)
+    assert grid.size == (3 * 32, 2 * 32)  # 3 columns, 2 rows, each 8 px cell enlarged 4x
+    assert grid.getpixel((32 + 5, 5)) == (50, 50, 50)
+    assert grid.getpixel((2 * 32 + 5, 32 + 5)) == (0, 0, 0)  # the filler cell is black
+
+
+def test_sampling_is_seeded_and_restores_train_mode(tiny_unet_config):
+    pipeline = DDIMPipeline(unet=_tiny_unet(tiny_unet_config), scheduler=DDIMScheduler(num_train_timesteps=100))
+    pipeline.unet.train()
+    state = torch.get_rng_state()
+    first = sample_images(pipeline, seed=3, batch_size=2, num_inference_steps=2)
+    second = sample_images(pipeline, seed=3, batch_size=2, num_inference_steps=2)
+    assert torch.equal(state, torch.get_rng_state()) and pipeline.unet.training
+    assert len(first) == 2 and first[0].size == (8, 8)
+    assert [image.tobytes() for image in first] == [image.tobytes() for image in second]
+
+
+def test_log_images_reaches_tensorboard(tmp_path, fresh_accelerate):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    log_images(accelerator, "samples", [Image.new("L", (8, 8), 255)] * 2, step=7)
+    accelerator.end_training()
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("samples")] == [7]
