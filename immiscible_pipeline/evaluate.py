@@ -95,10 +95,11 @@ def score_folder(args, reference, extractor_args) -> dict:
 
     from .evaluation import build_feature_extractor
     from .metrics import fid_kid
-    from .reference_data import ReferenceSpec, _image_files, load_reference_images
+    from .data import image_files
+    from .reference_data import ReferenceSpec, load_reference_images
     from .reference_stats import reference_features
 
-    files = _image_files(args.images)
+    files = image_files(args.images)
     if len(files) < 2:
         raise SystemExit(f"{args.images} holds {len(files)} images; FID needs at least 2")
     with Image.open(files[0]) as first:
