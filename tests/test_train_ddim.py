@@ -147,7 +147,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
             last_stats = property(lambda self: imm.last_stats)
 
             def __call__(self, x0, **kw):
-                calls.append(x0.shape[0])
+                calls.append(x0.clone())
                 return imm(x0, **kw)
         return Counting()
 
@@ -161,6 +161,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
     assert len(calls) == 8
+    assert not torch.equal(calls[0], calls[3])  # epoch 1 is shuffled and augmented anew
     with pytest.raises(Interrupted):
         run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags))
     calls.clear()
