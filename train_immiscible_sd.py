@@ -14,34 +14,29 @@ offset, input perturbation and `add_noise`, and that assigned noise is what the 
 
 import argparse
 import json
-import logging
-import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from immiscible_pipeline.captions import Captioner, PromptedSamples
 from immiscible_pipeline.data import TrainImages, describe_dataset, load_image_dataset, train_dataloader
 from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.hub import (card_description, check_hub_token, create_hub_repo, immiscible_tags,
-                                     upload_output_folder, write_model_card)
+from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
 from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
 from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
                                              load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
-from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, check_report_to,
-                                          check_xformers_available, checkpoint_step, find_checkpoint, image_grid,
-                                          log_images, register_checkpoint_hooks, resume_position, sample_images,
-                                          save_checkpoint, tracker_config, updates_per_epoch, weight_dtype)
+from immiscible_pipeline.trainer import (add_ema_warmup_arguments, add_immiscible_arguments, add_optimizer_arguments,
+                                         LR_SCHEDULERS, add_output_arguments, check_common_args, epoch_plan, make_ema,
+                                         make_lr_scheduler, resume, setup_accelerator, step_logs)
+from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, image_grid, log_images,
+                                          register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config,
+                                          weight_dtype)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -105,15 +100,7 @@ def parse_args(input_args=None):
     data.add_argument("--cache_latents_dtype", type=str, default="float32", choices=sorted(CACHE_DTYPES),
                       help="Storage precision of the cached latent mean and std (float16 halves the size).")
 
-    imm = parser.add_argument_group("immiscible diffusion")
-    imm.add_argument("--immiscible", type=str, default="linear", choices=["none", "linear", "knn"],
-                     help="Noise assignment: linear (exact batch assignment), knn (nearest of k), none (baseline).")
-    imm.add_argument("--immiscible_k", type=int, default=8, help="Candidates per latent for --immiscible knn.")
-    imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
-                     help="local: each process assigns its own batch; global: linear assignment over the batch of "
-                          "all processes (communication every step; with one process the same as local).")
-    imm.add_argument("--assignment_cost_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="Precision of the x.n product in the linear assignment cost (float32 is exact).")
+    imm = add_immiscible_arguments(parser, sample_name="latent")
     imm.add_argument("--immiscible_groups", type=str, default="none", choices=["none", "label"],
                      help="label: assign noise only among samples with the same conditioning (the same class, or "
                           "the same caption for text; dropped prompts form their own group), so the noise prior "
@@ -132,44 +119,25 @@ def parse_args(input_args=None):
     train.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by processes x batch size x accumulation steps.")
-    train.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
+    train.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     train.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning rate.")
     train.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    train.add_argument("--adam_epsilon", type=float, default=1e-08)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 turns it off).")
+    add_optimizer_arguments(train)
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Default: the value of `accelerate config` / `accelerate launch`. The frozen VAE and text "
                             "encoder run in this precision; the UNet trains in float32 under autocast.")
     train.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
     train.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (with warm-up) and save it.")
-    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: inverse multiplicative factor.")
-    train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up: exponent.")
-    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay once warmed up.")
+    add_ema_warmup_arguments(train)
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
 
-    save = parser.add_argument_group("checkpoints, validation, logs, hub")
-    save.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
-    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
-    save.add_argument("--resume_from_checkpoint", type=str, default=None,
-                      help='A checkpoint folder (path or name in --output_dir), or "latest".')
+    save = add_output_arguments(parser, "checkpoints, validation, logs, hub")
     save.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                       help="Prompts sampled every --validation_steps and at the end (saved and logged).")
     save.add_argument("--validation_steps", type=int, default=500, help="Sample the validation prompts every N steps.")
     save.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps for validation.")
     save.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
-    save.add_argument("--report_to", type=str, default="tensorboard",
-                      help='Tracker: "tensorboard", "wandb", "all" or "none".')
-    save.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
     save.add_argument("--tracker_project_name", type=str, default="train_immiscible_sd")
-    save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline and a model card.")
-    save.add_argument("--hub_model_id", type=str, default=None, help="Repo name. Default: the output folder's name.")
-    save.add_argument("--hub_token", type=str, default=None)
-    save.add_argument("--hub_private_repo", action="store_true")
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -179,52 +147,26 @@ def parse_args(input_args=None):
 def check_args(args):
     """Everything that can be checked before any data or model is loaded."""
     check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
-    if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ValueError("pass either --dataset_name or --train_data_dir, not both")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a directory")
-    for flag in ("immiscible_k", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "checkpointing_steps", "validation_steps", "validation_inference_steps", "max_train_steps",
-                 "checkpoints_total_limit", "resolution", "max_train_samples", "cache_latents_chunk_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    check_common_args(args, ("num_train_epochs", "validation_steps", "validation_inference_steps", "resolution",
+                             "max_train_samples", "cache_latents_chunk_size"))
     if not 0.0 <= args.caption_dropout <= 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
     if args.cache_latents is not None and not args.center_crop:
         raise ValueError("--cache_latents stores one encoding per image, which a random crop would change every "
                          "epoch: add --center_crop (random flips are fine: the mirrored image is cached too)")
-    if args.enable_xformers_memory_efficient_attention:
-        check_xformers_available()
     if args.use_8bit_adam:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("--use_8bit_adam needs bitsandbytes, which is not installed: pip install bitsandbytes")
-    check_report_to(args.report_to)
-    check_hub_token(args.report_to, args.hub_token)
 
 
 def main(args):
     # --- setup -------------------------------------------------------------------------------------------
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is not None:
-        set_seed(args.seed)  # the same initial weights on every process
+    accelerator, repo_id = setup_accelerator(args)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    repo_id = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
 
     # Frozen parts in the mixed precision (the UNet trains in float32 under autocast).
     pretrained = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision}
@@ -251,11 +193,7 @@ def main(args):
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=UNet2DConditionModel, model_config=unet.config)
-        ema.to(accelerator.device)
+    ema = make_ema(unet, args, accelerator.device)
     register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
 
     # Data: images (encoded by the VAE every step) or their cached latent distributions; prompts from the
@@ -310,16 +248,9 @@ def main(args):
     optimizer = optimizer_class(unet.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
-    # Steps per epoch are known only once the data is split across processes.
-    num_update_steps = updates_per_epoch(math.ceil(len(loader) / accelerator.num_processes),
-                                         args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_train_epochs)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    num_update_steps = updates_per_epoch(len(loader), args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / num_update_steps)
+    num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
 
     run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
     if accelerator.is_main_process:
@@ -336,15 +267,7 @@ def main(args):
 
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        logger.info(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))  # weights, EMA, optimizer, scheduler and every process's RNG
-        global_step = checkpoint_step(checkpoint)
-        first_epoch, resume_batches = resume_position(global_step, num_update_steps, args.gradient_accumulation_steps)
-    elif args.resume_from_checkpoint is not None:
-        logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
+    global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)  # or a new run
     inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision,
                                                    noise_scheduler.config.prediction_type)
 
@@ -390,9 +313,7 @@ def main(args):
                 ema.step(unet.parameters())
             global_step += 1
             progress_bar.update(1)
-            logs = {"loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **immiscible.last_stats.as_dict()}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
+            logs = step_logs(train_loss, lr_scheduler, immiscible, ema)
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
             train_loss = 0.0

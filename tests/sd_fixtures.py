@@ -7,12 +7,23 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import write_images
 
 from immiscible_pipeline.tiny_sd import build_tiny_sd
 
 # ImageNet-style class names: comma-separated synonyms, the first one is the prompt's name by default.
 CLASS_FOLDERS = {"class_0": "tench, Tinca tinca", "class_1": "goldfish, Carassius auratus"}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module, restored afterwards: the tiny models' ops are too small to share, and
+    on a busy machine two threads waiting on each other made a 2-step generation take seconds instead of 0.1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

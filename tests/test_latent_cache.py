@@ -4,7 +4,7 @@ batches as encoding the images on the fly."""
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from sd_fixtures import captioned_folder, labelled_folder, tiny_sd  # noqa: F401 - pytest fixtures
+from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
 from immiscible_pipeline.captions import Captioner, PromptedSamples
 from immiscible_pipeline.data import TrainImages, load_image_dataset, train_dataloader
@@ -14,6 +14,7 @@ from immiscible_pipeline.sd_training import FilteredImageTransform
 from immiscible_pipeline.tiny_sd import tiny_clip_tokenizer
 
 RESOLUTION = 16
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountingVAE(torch.nn.Module):

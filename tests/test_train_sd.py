@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import captioned_folder, labelled_folder, tiny_sd  # noqa: F401 - pytest fixtures
+from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_immiscible_sd.py"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -1,0 +1,181 @@
+"""What the trainer scripts would otherwise copy from each other around their loop: the shared argument
+groups, the Accelerator set-up, EMA, the step schedule, resuming, and the per-step log.
+
+    imm = add_immiscible_arguments(parser)                  # --immiscible, --immiscible_k, --assignment_* flags
+    add_output_arguments(parser)                            # checkpoints, resume, trackers, hub
+    ...
+    accelerator, repo_id = setup_accelerator(args)
+    lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
+    global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
+
+The flag names and meanings are diffusers' (train_unconditional.py, train_text_to_image.py) where they exist.
+Written with train_immiscible_sd.py; train_immiscible_ddim.py has the same flags inline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from .hub import check_hub_token, create_hub_repo
+from .training import (check_report_to, check_xformers_available, checkpoint_step, find_checkpoint, resume_position,
+                       updates_per_epoch)
+
+logger = logging.getLogger(__name__)
+
+IMMISCIBLE_METHODS = ("none", "linear", "knn")
+COST_DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+# --- arguments --------------------------------------------------------------------------------------------
+
+def add_immiscible_arguments(parser, sample_name: str = "image"):
+    """The noise-assignment flags; returns the argument group so a script can add its own."""
+    imm = parser.add_argument_group("immiscible diffusion")
+    imm.add_argument("--immiscible", type=str, default="linear", choices=IMMISCIBLE_METHODS,
+                     help="Noise assignment: linear (exact batch assignment), knn (nearest of k), none (baseline).")
+    imm.add_argument("--immiscible_k", type=int, default=8, help=f"Candidates per {sample_name} for --immiscible knn.")
+    imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
+                     help="local: each process assigns its own batch; global: linear assignment over the batch of "
+                          "all processes (communication every step; with one process the same as local).")
+    imm.add_argument("--assignment_cost_dtype", type=str, default="float32", choices=COST_DTYPES,
+                     help="Precision of the x.n product in the linear assignment cost (float32 is exact).")
+    return imm
+
+
+def add_optimizer_arguments(group, adam_beta1: float = 0.9, adam_weight_decay: float = 1e-2) -> None:
+    """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; train_unconditional.py uses
+    beta1 0.95 and weight decay 1e-6)."""
+    group.add_argument("--adam_beta1", type=float, default=adam_beta1)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 turns it off).")
+
+
+def add_ema_warmup_arguments(group) -> None:
+    """The EMA decay schedule (diffusers' EMAModel with warm-up); the script adds its own --use_ema."""
+    group.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: inverse multiplicative factor.")
+    group.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up: exponent.")
+    group.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay once warmed up.")
+
+
+def add_output_arguments(parser, title: str = "checkpoints, samples, logs, hub"):
+    """Checkpoints, resume, trackers and the Hub; returns the group so a script can add its sample flags."""
+    save = parser.add_argument_group(title)
+    save.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
+    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    save.add_argument("--resume_from_checkpoint", type=str, default=None,
+                      help='A checkpoint folder (path or name in --output_dir), or "latest".')
+    save.add_argument("--report_to", type=str, default="tensorboard",
+                      help='Tracker: "tensorboard", "wandb", "all" or "none".')
+    save.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
+    save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline and a model card.")
+    save.add_argument("--hub_model_id", type=str, default=None, help="Repo name. Default: the output folder's name.")
+    save.add_argument("--hub_token", type=str, default=None)
+    save.add_argument("--hub_private_repo", action="store_true")
+    return save
+
+
+def check_common_args(args, positive_flags: tuple = ()) -> None:
+    """Checks shared by the scripts: data source, flags that must be >= 1, xformers, tracker, hub token."""
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("pass either --dataset_name or --train_data_dir, not both")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a directory")
+    for flag in ("immiscible_k", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "max_train_steps", "checkpoints_total_limit", *positive_flags):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if args.enable_xformers_memory_efficient_attention:
+        check_xformers_available()
+    check_report_to(args.report_to)
+    check_hub_token(args.report_to, args.hub_token)
+
+
+# --- set-up, schedule, resume ---------------------------------------------------------------------------
+
+def setup_accelerator(args):
+    """The Accelerator (accumulation, precision, tracker, logging folder), the same initial seed on every
+    process, the output folder and, with --push_to_hub, the Hub repo (created first so a bad token fails
+    early). Returns (accelerator, repo_id or None)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed)  # the same initial weights on every process
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    return accelerator, repo_id
+
+
+def make_ema(model, args, device):
+    """diffusers' EMAModel of `model` with the warm-up flags, on `device`; None without --use_ema."""
+    if not args.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                   power=args.ema_power, model_cls=type(model), model_config=model.config)
+    ema.to(device)
+    return ema
+
+
+def make_lr_scheduler(args, optimizer, num_batches: int, accelerator, num_epochs: int):
+    """(lr scheduler, max_train_steps) before `accelerator.prepare`: the steps of `num_epochs` epochs of a
+    loader of `num_batches` once split across the processes, unless --max_train_steps says otherwise. The
+    prepared scheduler steps once per process, hence the factor."""
+    from diffusers.optimization import get_scheduler
+
+    num_update_steps = updates_per_epoch(math.ceil(num_batches / accelerator.num_processes),
+                                         args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or num_epochs * num_update_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    return lr_scheduler, max_train_steps
+
+
+def epoch_plan(num_batches: int, gradient_accumulation_steps: int, max_train_steps: int) -> tuple[int, int]:
+    """(optimisation steps per epoch, epochs to run) from the prepared loader's length."""
+    num_update_steps = updates_per_epoch(num_batches, gradient_accumulation_steps)
+    return num_update_steps, math.ceil(max_train_steps / num_update_steps)
+
+
+def resume(accelerator, args, num_update_steps: int) -> tuple[int, int, int]:
+    """Loads --resume_from_checkpoint if there is one (weights, EMA, optimizer, scheduler and every process's
+    RNG) and returns (global_step, first_epoch, batches of that epoch to skip); (0, 0, 0) for a new run."""
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        if args.resume_from_checkpoint is not None:
+            logger.info("No checkpoint in %s yet: starting a new run", args.output_dir)
+        return 0, 0, 0
+    logger.info("Resuming from checkpoint %s", checkpoint)
+    accelerator.load_state(str(checkpoint))
+    global_step = checkpoint_step(checkpoint)
+    return (global_step, *resume_position(global_step, num_update_steps, args.gradient_accumulation_steps))
+
+
+def step_logs(loss: float, lr_scheduler, immiscible, ema=None) -> dict:
+    """What a trainer logs after each optimisation step: loss, learning rate, the assignment's statistics of
+    the last micro-batch and the EMA decay."""
+    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], **immiscible.last_stats.as_dict()}
+    if ema is not None:
+        logs["ema_decay"] = ema.cur_decay_value
+    return logs
