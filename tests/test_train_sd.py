@@ -1,10 +1,11 @@
 """train_immiscible_sd.py end to end, on a tiny SD model and tiny image folders, offline, on the CPU.
 
 Five `accelerate launch` runs, shared by the tests (each costs seconds of imports):
-  finetune  fine-tune, linear assignment grouped by label, EMA, checkpoints every 2 steps (keep 2), validation,
-            min-SNR, noise offset, input perturbation, caption dropout, flips; 6 steps over 2 epochs
+  finetune  fine-tune, linear assignment grouped by label, EMA, checkpoints every 2 steps (keep 3), validation,
+            min-SNR, noise offset, input perturbation, caption dropout, flips; 8 steps of batch 2 (12 images: the
+            second epoch starts at step 7)
   cached    the same from --cache_latents                       -> the same training as from the images
-  resumed   the finetune run resumed from its checkpoint-4       -> bit-identical to the finetune run
+  resumed   the finetune run resumed from its checkpoint-4 (mid-epoch) -> bit-identical to the finetune run
   scratch   from scratch, KNN, v-prediction, gradient accumulation, text captions (lists), random crops
   global    2 processes (gloo), global linear assignment grouped by label, cache built by both processes
 and one plain `python` process that runs the script's argument and data errors in turn.
@@ -63,9 +64,9 @@ def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
 
 def finetune_flags(tiny_sd, data):
     return ["--pretrained_model_name_or_path", tiny_sd, "--train_data_dir", data, "--caption_column", "label",
-            "--train_batch_size", 4, "--max_train_steps", 6, "--learning_rate", 1e-3, "--lr_warmup_steps", 0,
+            "--train_batch_size", 2, "--max_train_steps", 8, "--learning_rate", 1e-3, "--lr_warmup_steps", 0,
             "--seed", 0, "--immiscible", "linear", "--immiscible_groups", "label", "--use_ema",
-            "--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--validation_prompts", "a photo of a tench",
+            "--checkpointing_steps", 2, "--checkpoints_total_limit", 3, "--validation_prompts", "a photo of a tench",
             "a photo of a goldfish", "--validation_steps", 3, "--validation_inference_steps", 2, "--center_crop",
             "--random_flip", "--caption_dropout", 0.2, "--snr_gamma", 5, "--noise_offset", 0.05,
             "--input_perturbation", 0.1]
@@ -156,35 +157,39 @@ def test_finetuned_pipeline_loads_and_generates_from_a_prompt(finetune, tiny_sd)
     assert max_difference(unet_weights(finetune / "unet"), unet_weights(pretrained / "unet")) > 1e-4  # trained
     assert max_difference(unet_weights(finetune / "vae"), unet_weights(pretrained / "vae")) == 0  # frozen
     config = json.loads((finetune / "training_config.json").read_text())
-    assert config["global_step"] == 6 and config["num_processes"] == 1
+    assert config["global_step"] == 8 and config["num_processes"] == 1
     assert config["class_names"] == ["goldfish, Carassius auratus", "tench, Tinca tinca"]
     assert (finetune / "samples.png").is_file() and (finetune / "samples" / "step-000003.png").is_file()
 
 
 def test_checkpoint_rotation_and_ema(finetune):
-    assert sorted(path.name for path in finetune.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    last = finetune / "checkpoint-6"
+    assert sorted(path.name for path in finetune.glob("checkpoint-*")) == [
+        "checkpoint-4", "checkpoint-6", "checkpoint-8"]  # checkpoint-2 rotated out
+    last = finetune / "checkpoint-8"
     saved = unet_weights(finetune / "unet")
     assert max_difference(saved, unet_weights(last / "unet_ema")) == 0  # the pipeline holds the EMA weights
     assert max_difference(saved, unet_weights(last / "unet")) > 1e-5  # which are not the raw weights
-    assert json.loads((last / "unet_ema" / "ema_state.json").read_text())["optimization_step"] == 6
+    assert json.loads((last / "unet_ema" / "ema_state.json").read_text())["optimization_step"] == 8
 
 
-def test_assignment_is_logged_every_step(finetune):
+def test_assignment_grouped_by_label_is_logged_every_step(finetune):
     logged = scalars(finetune)
-    assert len(logged["loss"]) == 6 and all(torch.isfinite(torch.tensor(logged["loss"])))
-    assert logged["immiscible/batch_size"] == [4.0] * 6
-    reductions = logged["immiscible/relative_reduction"]
-    assert min(reductions) >= 0 and max(reductions) > 0  # grouped by label: some steps pair within a class
+    assert len(logged["loss"]) == 8 and all(torch.isfinite(torch.tensor(logged["loss"])))
+    assert logged["immiscible/batch_size"] == [2.0] * 8
+    # Grouped by label, a batch of two classes (or a dropped prompt) cannot be re-paired: a no-op that an
+    # ungrouped batch of 2 never is; a batch of one class is assigned (swapped or not).
+    noop, reductions = logged["immiscible/noop"], logged["immiscible/relative_reduction"]
+    assert 0 < sum(noop) < 8
+    assert all(r == 0 for r, n in zip(reductions, noop) if n) and min(reductions) >= 0
     assert "ema_decay" in logged
 
 
 def test_resume_from_checkpoint_is_exact(finetune, resumed):
     assert "Resuming from checkpoint" in Path(f"{resumed}.log").read_text()
     assert max_difference(unet_weights(resumed / "unet"), unet_weights(finetune / "unet")) == 0
-    last = "checkpoint-6/unet"
+    last = "checkpoint-8/unet"
     assert max_difference(unet_weights(resumed / last), unet_weights(finetune / last)) == 0
-    assert len(scalars(resumed)["loss"]) == 2  # steps 5 and 6 only: seen batches were skipped
+    assert len(scalars(resumed)["loss"]) == 4  # steps 5 to 8 only: the 4 batches seen were skipped
 
 
 def test_cached_latents_train_like_the_images(finetune, cached, runs, tiny_sd):
@@ -223,6 +228,7 @@ def test_two_processes_with_global_assignment(two_processes, runs):
     logged = scalars(two_processes)
     assert logged["immiscible/num_processes"] == [2.0, 2.0]
     assert logged["immiscible/batch_size"] == [6.0, 6.0]  # the global batch: 2 processes x 3
+    assert min(logged["immiscible/relative_reduction"]) > 0  # within each class of the global batch
     cache = runs / "cache_global"
     encoders = {torch.load(chunk, weights_only=True)["encoded_by"] for chunk in cache.glob("chunk-*.pt")}
     assert len(list(cache.glob("chunk-*.pt"))) == 4 and encoders == {0, 1}  # both processes encoded
@@ -282,3 +288,53 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
     assert "xformers" in results["xformers"] and "not installed" in results["xformers"]
     assert "add --center_crop" in results["cache_needs_center_crop"]
 
+
+
+# --- the script's library pieces (in process) -----------------------------------------------------------------
+
+def test_min_snr_loss_weights_each_sample():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from immiscible_pipeline.sd_training import min_snr_loss
+    from immiscible_pipeline.training import diffusion_loss
+
+    generator = torch.Generator().manual_seed(0)
+    clean, noise, pred = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(3))
+    timesteps = torch.tensor([1, 50, 400, 999])
+    for prediction_type, divisor in (("epsilon", 0), ("v_prediction", 1)):
+        scheduler = DDPMScheduler(prediction_type=prediction_type)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
+        snr = compute_snr(scheduler, timesteps)
+        expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * snr.clamp(max=5.0) / (snr + divisor)
+        torch.testing.assert_close(min_snr_loss(scheduler, pred, clean, noise, timesteps, 5.0), expected.mean())
+        assert min_snr_loss(scheduler, pred, clean, noise, timesteps) == diffusion_loss(scheduler, pred, clean, noise,
+                                                                                        timesteps)
+
+
+def test_resize_filter_is_used_and_the_rest_is_data_image_transform():
+    from immiscible_pipeline.data import ImageTransform
+    from immiscible_pipeline.sd_training import FilteredImageTransform
+
+    pixels = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(40, 60, 3, generator=pixels) * 255).to(torch.uint8).numpy())
+    nearest = FilteredImageTransform(16, center_crop=True, interpolation="nearest")(image)
+    lanczos = FilteredImageTransform(16, center_crop=True, interpolation="lanczos")(image)
+    assert nearest.shape == lanczos.shape == (3, 16, 16) and not torch.allclose(nearest, lanczos)
+    expected = ImageTransform(16, center_crop=True)(image.resize((24, 16), Image.NEAREST))
+    torch.testing.assert_close(nearest, expected)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        FilteredImageTransform(16, interpolation="cubic")
+
+
+def test_pretrained_model_checks(tmp_path, tiny_sd):
+    from immiscible_pipeline.sd_training import check_pretrained_model
+
+    check_pretrained_model(tiny_sd)  # a complete folder passes
+    with pytest.raises(ValueError, match="no such folder"):
+        check_pretrained_model(str(tmp_path / "missing"))
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    with pytest.raises(ValueError, match="it has no vae, text_encoder, tokenizer, scheduler sub-folder"):
+        check_pretrained_model(str(tmp_path / "partial"))
+    with pytest.raises(ValueError, match="not a local folder, and the Hub repo could not be read"):
+        check_pretrained_model("no-such-org/no-such-model")  # offline in the tests: fails at once
