@@ -31,9 +31,9 @@ from immiscible_pipeline.hub import card_description, immiscible_tags, upload_ou
 from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
 from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
                                              load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
-from immiscible_pipeline.trainer import (add_ema_warmup_arguments, add_immiscible_arguments, add_optimizer_arguments,
-                                         LR_SCHEDULERS, add_output_arguments, check_common_args, epoch_plan, make_ema,
-                                         make_lr_scheduler, resume, setup_accelerator, step_logs)
+from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
+                                         add_optimizer_arguments, add_output_arguments, check_common_args, epoch_plan,
+                                         make_ema, make_lr_scheduler, resume, setup_accelerator, step_logs)
 from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, image_grid, log_images,
                                           register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config,
                                           weight_dtype)
@@ -377,7 +377,12 @@ def push_to_hub(args, repo_id, summary):
                 "processes": summary["num_processes"], "steps": summary["global_step"],
                 "learning rate": args.learning_rate, "EMA": args.use_ema, "snr_gamma": args.snr_gamma,
                 "mixed precision": args.mixed_precision or "accelerate default"}
-    prompt = (args.validation_prompts or [args.prompt_template.format("tench")])[0]
+    if args.validation_prompts:
+        prompt = args.validation_prompts[0]
+    elif summary["class_names"]:
+        prompt = args.prompt_template.format(summary["class_names"][0].split(",")[0].strip())
+    else:
+        prompt = "a photo"
     description = card_description(
         title=f"Immiscible Stable Diffusion: {repo_id}",
         summary=(f"A Stable Diffusion UNet trained with Immiscible Diffusion ({args.immiscible} noise assignment on "
