@@ -11,37 +11,31 @@ images (`noise = immiscible(clean_images)`) before `add_noise`, and that assigne
 
 import argparse
 import json
-import logging
-import math
-import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from immiscible_pipeline.data import (ImageTransform, TrainImages, describe_dataset, load_image_dataset,
                                       train_dataloader)
 from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.hub import (card_description, check_hub_token, create_hub_repo, immiscible_tags,
-                                     upload_output_folder, write_model_card)
+from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
-from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, check_report_to,
-                                          check_xformers_available, checkpoint_step, diffusion_loss,
-                                          find_checkpoint, image_grid, log_images, register_checkpoint_hooks,
-                                          resume_position, sample_images, save_checkpoint, tracker_config,
-                                          updates_per_epoch)
+from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
+                                         add_optimizer_arguments, add_output_arguments, check_common_args,
+                                         epoch_plan, make_ema, make_lr_scheduler, resume, setup_accelerator,
+                                         step_logs)
+from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
+                                          register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config)
 
 logger = get_logger(__name__, log_level="INFO")
 
 # Flags left unset take these values: with no dataset flag, a demo on the bundled MNIST sized to finish in a
 # few minutes on a CPU; with a dataset, the DDPM CIFAR-10 UNet at its 32 px, trained for --num_epochs.
-DEMO_DEFAULTS = {"unet": MNIST_UNET, "max_train_steps": 1500, "learning_rate": 3e-4, "lr_warmup_steps": 100,
+DEMO_DEFAULTS = {"unet": MNIST_UNET, "max_train_steps": 1500, "learning_rate": 1e-3, "lr_warmup_steps": 100,
                  "use_ema": True}
 DATASET_DEFAULTS = {"unet": CIFAR10_UNET, "max_train_steps": None, "learning_rate": 2e-4, "lr_warmup_steps": 500,
                     "use_ema": False}
@@ -72,15 +66,7 @@ def parse_args(input_args=None):
                        choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     model.add_argument("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps for sample grids.")
 
-    imm = parser.add_argument_group("immiscible diffusion")
-    imm.add_argument("--immiscible", type=str, default="linear", choices=["none", "linear", "knn"],
-                     help="Noise assignment: linear (exact batch assignment), knn (nearest of k), none (baseline).")
-    imm.add_argument("--immiscible_k", type=int, default=8, help="Candidates per image for --immiscible knn.")
-    imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
-                     help="local: each process assigns its own batch; global: linear assignment over the batch of "
-                          "all processes (communication every step; with one process the same as local).")
-    imm.add_argument("--assignment_cost_dtype", type=str, default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="Precision of the x.n product in the linear assignment cost (float32 is exact).")
+    add_immiscible_arguments(parser)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="immiscible-ddim")
@@ -92,41 +78,22 @@ def parse_args(input_args=None):
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     train.add_argument("--learning_rate", type=float, default=None,
-                       help="Peak learning rate. Default: 3e-4 for the MNIST demo, 2e-4 for a dataset.")
-    train.add_argument("--lr_scheduler", type=str, default="cosine",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"])
+                       help="Peak learning rate. Default: 1e-3 for the MNIST demo, 2e-4 for a dataset.")
+    train.add_argument("--lr_scheduler", type=str, default="cosine", choices=LR_SCHEDULERS)
     train.add_argument("--lr_warmup_steps", type=int, default=None,
                        help="Warm-up steps. Default: 100 for the MNIST demo, 500 for a dataset.")
-    train.add_argument("--adam_beta1", type=float, default=0.95)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    train.add_argument("--adam_epsilon", type=float, default=1e-08)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 turns it off).")
+    add_optimizer_arguments(train, adam_beta1=0.95, adam_weight_decay=1e-6)  # train_unconditional.py's defaults
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Default: the value of `accelerate config` / `accelerate launch`.")
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
                        help="Keep an EMA of the weights (with warm-up) and save it. Default: on for the MNIST demo.")
-    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: inverse multiplicative factor.")
-    train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up: exponent.")
-    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay once warmed up.")
+    add_ema_warmup_arguments(train)
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
 
-    save = parser.add_argument_group("checkpoints, samples, logs, hub")
-    save.add_argument("--checkpointing_steps", type=int, default=500, help="Save the training state every N steps.")
-    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
-    save.add_argument("--resume_from_checkpoint", type=str, default=None,
-                      help='A checkpoint folder (path or name in --output_dir), or "latest".')
+    save = add_output_arguments(parser)
     save.add_argument("--validation_steps", type=int, default=500,
                       help="Save and log a grid of samples every N steps (and at the end).")
     save.add_argument("--num_validation_images", type=int, default=16, help="Images per sample grid.")
-    save.add_argument("--report_to", type=str, default="tensorboard",
-                      help='Tracker: "tensorboard", "wandb", "all" or "none".')
-    save.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
-    save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline and a model card.")
-    save.add_argument("--hub_model_id", type=str, default=None, help="Repo name. Default: the output folder's name.")
-    save.add_argument("--hub_token", type=str, default=None)
-    save.add_argument("--hub_private_repo", action="store_true")
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -135,20 +102,8 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Everything that can be checked before any data or model is loaded; fills the defaults left unset."""
-    if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ValueError("pass either --dataset_name or --train_data_dir, not both")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a directory")
-    for flag in ("immiscible_k", "train_batch_size", "num_epochs", "gradient_accumulation_steps",
-                 "checkpointing_steps", "validation_steps", "num_validation_images", "ddim_num_inference_steps",
-                 "max_train_steps", "checkpoints_total_limit", "resolution"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {value}")
-    if args.enable_xformers_memory_efficient_attention:
-        check_xformers_available()
-    check_report_to(args.report_to)
-    check_hub_token(args.report_to, args.hub_token)
+    check_common_args(args, ("num_epochs", "validation_steps", "num_validation_images", "ddim_num_inference_steps",
+                             "resolution"))
     args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
     for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
         if flag != "unet" and getattr(args, flag) is None:
@@ -157,21 +112,7 @@ def check_args(args):
 
 def main(args):
     # --- setup -------------------------------------------------------------------------------------------
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is not None:
-        set_seed(args.seed)  # the same initial weights on every process
-    repo_id = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    accelerator, repo_id = setup_accelerator(args)  # also: the same seed everywhere, output dir, Hub repo
 
     defaults = DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS
     unet_config = load_unet_config(args.model_config_name_or_path, defaults["unet"], args.resolution)
@@ -185,7 +126,8 @@ def main(args):
     else:
         logger.info(f"Training on {dataset_description} at {args.resolution} px.")
 
-    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    with accelerator.main_process_first():  # one process downloads and caches, the others then read the cache
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     transform = ImageTransform(args.resolution, unet_config["in_channels"], args.center_crop, args.random_flip)
     data_seed = args.seed if args.seed is not None else 0  # the same shuffle on every process
     train_images = TrainImages(dataset, args.image_column, transform, seed=data_seed)
@@ -196,11 +138,7 @@ def main(args):
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=UNet2DModel, model_config=model.config)
-        ema.to(accelerator.device)
+    ema = make_ema(model, args, accelerator.device)
     register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
 
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
@@ -210,16 +148,9 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
-    # Steps per epoch are known only once the data is split across processes.
-    num_update_steps = updates_per_epoch(math.ceil(len(loader) / accelerator.num_processes),
-                                         args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * num_update_steps
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_epochs)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    num_update_steps = updates_per_epoch(len(loader), args.gradient_accumulation_steps)
-    num_epochs = math.ceil(max_train_steps / num_update_steps)
+    num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
 
     run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
     if accelerator.is_main_process:
@@ -232,15 +163,8 @@ def main(args):
 
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is not None:
-        logger.info(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))  # weights, EMA, optimizer, scheduler and every process's RNG
-        global_step = checkpoint_step(checkpoint)
-        first_epoch, resume_batches = resume_position(global_step, num_update_steps, args.gradient_accumulation_steps)
-    elif args.resume_from_checkpoint is not None:
-        logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
+    # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
+    global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
     # --- training ----------------------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
@@ -275,9 +199,7 @@ def main(args):
                 ema.step(model.parameters())
             global_step += 1
             progress_bar.update(1)
-            logs = {"loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **immiscible.last_stats.as_dict()}
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
+            logs = step_logs(train_loss, lr_scheduler, immiscible, ema)
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
             train_loss = 0.0

@@ -239,7 +239,7 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
 
 def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
-    assert demo.bundled_demo and demo.max_train_steps == 1500 and demo.use_ema and demo.learning_rate == 3e-4
+    assert demo.bundled_demo and demo.max_train_steps == 1500 and demo.use_ema and demo.learning_rate == 1e-3
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
@@ -259,7 +259,9 @@ def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
 
 
 def test_hub_token_with_wandb_is_refused(trainer, monkeypatch):
-    monkeypatch.setattr(trainer, "check_report_to", lambda report_to: None)  # as if wandb were installed
+    import immiscible_pipeline.trainer
+
+    monkeypatch.setattr(immiscible_pipeline.trainer, "check_report_to", lambda report_to: None)  # as if wandb were there
     with pytest.raises(ValueError, match="--report_to=wandb and --hub_token"):
         trainer.parse_args(["--report_to", "wandb", "--hub_token", "x"])
 
