@@ -6,11 +6,13 @@ Five `accelerate launch` runs, shared by the tests (each costs seconds of import
             second epoch starts at step 7)
   cached    the same from --cache_latents                       -> the same training as from the images
   resumed   the finetune run resumed from its checkpoint-4 (mid-epoch) -> bit-identical to the finetune run
-  scratch   from scratch, KNN, v-prediction, gradient accumulation, text captions (lists), random crops
+  scratch   from scratch, KNN, v-prediction, gradient accumulation, text captions (lists), random crops,
+            a subset of the rows, scaled learning rate, gradient checkpointing
   global    2 processes (gloo), global linear assignment grouped by label, cache built by both processes
 and one plain `python` process that runs the script's argument and data errors in turn.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -103,7 +105,8 @@ def scratch(runs, tiny_sd, captioned_folder):
         "--prediction_type", "v_prediction", "--gradient_accumulation_steps", 2, "--train_batch_size", 2,
         "--max_train_steps", 3, "--lr_warmup_steps", 0, "--seed", 1, "--caption_dropout", 0.1,
         "--image_interpolation_mode", "bicubic", "--validation_prompts", "a red shape number 3",
-        "--validation_inference_steps", 2])
+        "--validation_inference_steps", 2, "--max_train_samples", 6, "--scale_lr", "--learning_rate", 1e-4,
+        "--gradient_checkpointing"])
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +220,9 @@ def test_from_scratch_knn_v_prediction_with_text_captions(scratch, tiny_sd):
     logged = scalars(scratch)
     assert len(logged["loss"]) == 3  # optimisation steps, each over 2 micro-batches
     assert all(value > 0 for value in logged["immiscible/relative_reduction"])  # KNN always moves closer
-    assert json.loads((scratch / "training_config.json").read_text())["class_names"] is None
+    assert logged["lr"] == pytest.approx([1e-4 * 2 * 2] * 3)  # --scale_lr: x batch 2 x accumulation 2 x 1 process
+    config = json.loads((scratch / "training_config.json").read_text())
+    assert config["class_names"] is None and config["num_images"] == 6  # --max_train_samples
 
 
 # --- two processes ------------------------------------------------------------------------------------------
@@ -271,6 +276,7 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
         "corrupt_image": model + ["--train_data_dir", str(corrupt)] + base,
         "xformers": model + ["--train_data_dir", str(labelled_folder),
                              "--enable_xformers_memory_efficient_attention"] + base,
+        "bitsandbytes": model + ["--train_data_dir", str(labelled_folder), "--use_8bit_adam"] + base,
         "cache_needs_center_crop": model + ["--train_data_dir", str(labelled_folder), "--cache_latents",
                                             str(tmp_path / "cache")] + base,
     }
@@ -287,6 +293,8 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
     assert f"cannot read the image {broken}" in results["corrupt_image"]
     assert "xformers" in results["xformers"] and "not installed" in results["xformers"]
     assert "add --center_crop" in results["cache_needs_center_crop"]
+    if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency of this project
+        assert "--use_8bit_adam needs bitsandbytes" in results["bitsandbytes"]
 
 
 
