@@ -58,7 +58,7 @@ def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
         cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
         env = environment(ACCELERATE_USE_CPU="true")
     proc = subprocess.run(cmd + [str(SCRIPT), "--output_dir", str(output_dir), *map(str, flags)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=540)
     Path(f"{output_dir}.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return output_dir
