@@ -48,6 +48,13 @@ def row_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
 
 
+def can_repair(batch_size: int, labels: torch.Tensor | None) -> bool:
+    """Whether any two samples may swap noise: B > 1, and with groups, some group of two or more."""
+    if labels is None:
+        return batch_size > 1
+    return bool((torch.unique(labels, return_counts=True)[1] > 1).any())
+
+
 def as_group_tensor(groups, batch_size: int) -> torch.Tensor:
     """Labels of any kind (tensor, ints, strings) as a CPU int64 tensor of length `batch_size`."""
     if isinstance(groups, torch.Tensor):
@@ -139,14 +146,8 @@ class ImmiscibleNoise:
             before, after = cost.diagonal(), cost[torch.arange(perm.numel()), perm]
         else:  # report true float32 distances, not the low-precision cost
             before, after = row_distances(x0, noise), row_distances(x0, noise[perm.to(noise.device)])
-        self._record(before.mean().item(), after.mean().item(), x0.shape[0], start, not self._can_repair(x0.shape[0], labels))
+        self._record(before.mean().item(), after.mean().item(), x0.shape[0], start, not can_repair(x0.shape[0], labels))
         return noise[perm.to(noise.device)]
-
-    @staticmethod
-    def _can_repair(batch_size: int, labels: torch.Tensor | None) -> bool:
-        if labels is None:
-            return batch_size > 1
-        return bool((torch.unique(labels, return_counts=True)[1] > 1).any())
 
     def _validate(self, x0, noise=None, groups=None) -> None:
         if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[0] == 0:

@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor
+from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor, can_repair
 from .linear_assignment import COST_DTYPES, SOLVERS, assignment_permutation, pairwise_l2
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class GlobalImmiscibleNoise:
         if not bool((summaries[:, 2] == summaries[0, 2]).all()):
             raise RuntimeError("processes solved the global assignment differently (mixed solver installations?): "
                                "refusing to hand out noise that could be used twice")
-        noop = not _can_repair(total, labels_all)
+        noop = not can_repair(total, labels_all)
         self._record(summaries[:, :2].sum(0).tolist(), total, batch, coll, start, noop)
         return assigned.reshape(noise.shape)
 
@@ -314,12 +314,6 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
         return tensor.contiguous()
     pad = torch.zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     return torch.cat([tensor, pad], dim=0)
-
-
-def _can_repair(total: int, labels: torch.Tensor | None) -> bool:
-    if labels is None:
-        return total > 1
-    return bool((torch.unique(labels, return_counts=True)[1] > 1).any())
 
 
 __all__ = ["SCOPES", "Collective", "GlobalAssignmentStats", "GlobalImmiscibleNoise", "build_immiscible",
