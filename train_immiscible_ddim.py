@@ -228,7 +228,8 @@ def main(args):
         pipeline.save_pretrained(args.output_dir)
         save_samples(accelerator, args, pipeline, global_step, Path(args.output_dir) / "samples.png")
         summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
-                   "global_step": global_step, "dataset": dataset_description, "num_images": len(dataset)}
+                   "mixed_precision": accelerator.mixed_precision, "global_step": global_step,
+                   "dataset": dataset_description, "num_images": len(dataset)}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved the DDIMPipeline and a sample grid to {args.output_dir}")
         if args.push_to_hub:
@@ -251,7 +252,7 @@ def push_to_hub(args, repo_id, summary):
                 "dataset": summary["dataset"], "resolution": args.resolution,
                 "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
                 "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
-                "prediction type": args.prediction_type, "mixed precision": args.mixed_precision or "accelerate default"}
+                "prediction type": args.prediction_type, "mixed precision": summary["mixed_precision"]}
     description = card_description(
         title=f"Immiscible DDIM: {repo_id}",
         summary=(f"An unconditional DDIM model trained with Immiscible Diffusion ({args.immiscible} noise "

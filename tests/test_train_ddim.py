@@ -222,14 +222,19 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
     monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploaded.append(kwargs))
     run_in_process(trainer, tiny_args(output, "--max_train_steps", 2, "--checkpointing_steps", 1, "--report_to", "none",
                                       "--immiscible", "knn", "--immiscible_k", 4, "--push_to_hub", "--hub_model_id",
-                                      "tiny-ddim", "--hub_token", "tok", "--hub_private_repo"))
+                                      "tiny-ddim", "--hub_token", "tok", "--hub_private_repo",
+                                      # flags not exercised elsewhere: they must at least run end to end
+                                      "--prediction_type", "v_prediction", "--center_crop", "--gradient_checkpointing",
+                                      "--dataloader_num_workers", 1, "--mixed_precision", "bf16"))
     assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True, "trained_yet": False}]
     (upload,) = uploaded
     assert upload["folder_path"] == str(output) and upload["repo_id"] == "me/tiny-ddim"
     assert upload["ignore_patterns"] == ["checkpoint-*"] and upload["token"] == "tok"
+    assert DDPMScheduler.from_pretrained(output / "scheduler").config.prediction_type == "v_prediction"
     card = (output / "README.md").read_text()
     for text in ("- immiscible-diffusion", "- immiscible-knn", "- ddim", "| assignment | knn |", "| k (knn) | 4 |",
                  "| assignment scope | local |", "| batch size (total) | 4 |", "| steps | 2 |",
+                 "| mixed precision | bf16 |", "| prediction type | v_prediction |",
                  f"| dataset | image folder {tiny_args(output)[1]} |", "![samples](samples.png)",
                  'DiffusionPipeline.from_pretrained("me/tiny-ddim")'):
         assert text in card, text
