@@ -77,6 +77,8 @@ def parse_args(argv=None):
                         help="skip an official broadcast whose tensors would exceed this many GiB (reported as OOM)")
     parser.add_argument("--low_precision", nargs="*", default=list(LOW_PRECISION), choices=LOW_PRECISION,
                         help="low-precision cost dtypes to measure")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=str, default=None,
                         help="also write the report to OUTPUT.md and the raw numbers to OUTPUT.json")
@@ -84,6 +86,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     default_b, default_d = (QUICK_BATCH_SIZES, QUICK_DIMS) if args.quick else (FULL_BATCH_SIZES, FULL_DIMS)
     args.batch_sizes = sorted(set(args.batch_sizes or default_b))
     args.dims = sorted(set(args.dims or default_d))
@@ -515,6 +519,8 @@ def machine() -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = machine()
     command = " ".join(["python benchmarks/assignment_speed.py",
                         *map(shlex.quote, sys.argv[1:] if argv is None else list(argv))])
