@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from immiscible_pipeline.data import (ImageTransform, TrainImages, describe_dataset, load_image_dataset,
                                       train_dataloader)
 from immiscible_pipeline.distributed import build_immiscible
+from immiscible_pipeline.evaluation import TrainingEvaluator
 from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
+from immiscible_pipeline.reference_data import ReferenceSpec
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
                                          add_optimizer_arguments, add_output_arguments, check_common_args,
@@ -95,6 +97,19 @@ def parse_args(input_args=None):
                       help="Save and log a grid of samples every N steps (and at the end).")
     save.add_argument("--num_validation_images", type=int, default=16, help="Images per sample grid.")
 
+    evaluation = parser.add_argument_group("evaluation during training (FID / KID against the training data)")
+    evaluation.add_argument("--eval_steps", type=int, default=None,
+                            help="Compute FID and KID every N steps and at the end (from the EMA weights with --use_ema), "
+                                 "log them as eval/* and append them to <output_dir>/eval_history.jsonl. Default: off.")
+    evaluation.add_argument("--eval_num_samples", type=int, default=2000, help="Generated images per evaluation.")
+    evaluation.add_argument("--eval_feature", type=str, default=None, choices=["classifier", "inception"],
+                            help="Feature network: a small classifier trained on the dataset's labels (default for the "
+                                 "MNIST demo) or the FID InceptionV3 (default for a dataset; comparable with papers).")
+    evaluation.add_argument("--eval_num_reference", type=int, default=10000,
+                            help="Training images whose features are the reference (computed once, cached).")
+    evaluation.add_argument("--eval_inference_steps", type=int, default=None,
+                            help="DDIM steps per generated image. Default: --ddim_num_inference_steps.")
+
     args = parser.parse_args(input_args)
     check_args(args)
     return args
@@ -103,11 +118,15 @@ def parse_args(input_args=None):
 def check_args(args):
     """Everything that can be checked before any data or model is loaded; fills the defaults left unset."""
     check_common_args(args, ("num_epochs", "validation_steps", "num_validation_images", "ddim_num_inference_steps",
-                             "resolution"))
+                             "resolution", "eval_steps", "eval_num_reference", "eval_inference_steps"))
+    if args.eval_num_samples < 2:
+        raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}")
     args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
     for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
         if flag != "unet" and getattr(args, flag) is None:
             setattr(args, flag, value)
+    args.eval_feature = args.eval_feature or ("classifier" if args.bundled_demo else "inception")
+    args.eval_inference_steps = args.eval_inference_steps or args.ddim_num_inference_steps
 
 
 def main(args):
@@ -166,6 +185,16 @@ def main(args):
     # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
+    evaluator = None
+    if args.eval_steps is not None:
+        reference = ReferenceSpec() if args.bundled_demo else ReferenceSpec(
+            args.dataset_name or args.train_data_dir, config_name=args.dataset_config_name, image_column=args.image_column)
+        evaluator = TrainingEvaluator(reference, args.eval_num_samples, args.eval_feature, args.eval_inference_steps,
+                                      batch_size=args.train_batch_size, seed=args.seed or 0,
+                                      num_reference=args.eval_num_reference, progress=True)
+        # Pays for the feature network (training the classifier if it is not cached) before the first step.
+        evaluator.prepare(args.resolution, unet_config["in_channels"], accelerator)
+
     # --- training ----------------------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -212,6 +241,8 @@ def main(args):
                 with averaged_weights(model.parameters(), ema):
                     save_samples(accelerator, args, pipeline, global_step,
                                  Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
+            if evaluator is not None and (global_step % args.eval_steps == 0 or global_step >= max_train_steps):
+                evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, global_step)
             if global_step >= max_train_steps:
                 break
         if global_step >= max_train_steps:
@@ -235,6 +266,22 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)
     accelerator.end_training()
+
+
+def evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, step):
+    """FID / KID of the current (EMA) weights; every process samples its share. Logged and appended to
+    eval_history.jsonl, the FID-versus-steps curve of the run."""
+    pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model),
+                            scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    with averaged_weights(model.parameters(), ema):
+        metrics = evaluator(pipeline, accelerator)
+    accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        record = {"step": step, **metrics, "num_samples": args.eval_num_samples, "feature": args.eval_feature,
+                  "classifier_test_accuracy": evaluator.classifier_test_accuracy}
+        with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
+            history.write(json.dumps(record) + "\n")
+        logger.info(f"step {step}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} ({args.eval_feature} features)")
 
 
 def save_samples(accelerator, args, pipeline, step, path):

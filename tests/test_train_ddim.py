@@ -116,14 +116,21 @@ def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_
     assert checkpoints(output) == ["checkpoint-6"] and summary(output)["global_step"] == 6
 
 
-def test_two_processes_assign_over_the_global_batch(tmp_path, tiny_args):
+def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, tiny_args, monkeypatch):
     output = tmp_path / "run"
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
     launch(tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
-                     "--checkpointing_steps", 100, "--validation_steps", 100), processes=2)
+                     "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
+                     "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6), processes=2)
     assert summary(output)["num_processes"] == 2 and summary(output)["total_batch_size"] == 6
     logged = scalars(output)
     assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6  # both batches as one
     assert isinstance(DiffusionPipeline.from_pretrained(output), DDIMPipeline)
+    # FID during training: at every --eval_steps and at the end, once (main process), logged to the tracker.
+    history = [json.loads(line) for line in (output / "eval_history.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in history] == [1, 2]
+    assert all(record["fid"] > 0 and record["feature"] == "inception" for record in history)
+    assert logged["eval/fid"] == pytest.approx(history[-1]["fid"], rel=1e-5) and "eval/kid_mean" in logged
 
 
 # --- in-process runs -------------------------------------------------------------------------------------
@@ -249,6 +256,8 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
+    assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
+    assert dataset.eval_inference_steps == dataset.ddim_num_inference_steps
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -257,6 +266,8 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     (["--enable_xformers_memory_efficient_attention"], "needs the xformers package"),
     (["--dataset_name", "cifar10", "--train_data_dir", "."], "either --dataset_name or --train_data_dir, not both"),
     (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),
+    (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
+    (["--eval_num_samples", "1"], "--eval_num_samples must be at least 2"),
 ])
 def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
