@@ -179,24 +179,39 @@ class TrainingEvaluator:
         self.classifier_settings, self.progress = classifier_settings, progress
         self._extractor: FeatureExtractor | None = None
         self._reference_feats: torch.Tensor | None = None
+        self._prepared_for: tuple[int, int] | None = None
         self.last_details: dict | None = None
+
+    def prepare(self, resolution: int, channels: int, accelerator=None) -> None:
+        """Builds the feature network (training and caching the classifier if needed) and the reference
+        features for images of this size. Called by the first evaluation; call it before the training loop to
+        pay that cost up front. Every process must call it."""
+        is_main = accelerator is None or accelerator.is_main_process
+        with torch.random.fork_rng(devices=[]):
+            if accelerator is not None:
+                with accelerator.main_process_first():
+                    self._extractor = build_feature_extractor(self.feature, self.reference, resolution, channels,
+                                                              self.cache_dir, self.classifier_settings,
+                                                              self.progress and is_main)
+            else:
+                self._extractor = build_feature_extractor(self.feature, self.reference, resolution, channels,
+                                                          self.cache_dir, self.classifier_settings, self.progress)
+            if is_main:
+                self._reference_feats, _ = reference_features(self.reference, self._extractor, resolution, channels,
+                                                              self.num_reference, self.cache_dir, seed=0)
+        self._prepared_for = (resolution, channels)
+
+    @property
+    def classifier_test_accuracy(self) -> float | None:
+        """The test accuracy of the classifier whose features are used (None for other features)."""
+        return getattr(self._extractor, "info", {}).get("test_accuracy") if self._extractor is not None else None
 
     def __call__(self, pipeline, accelerator=None) -> dict:
         is_main = accelerator is None or accelerator.is_main_process
+        channels, height, _ = pipeline_image_shape(pipeline)
+        if self._prepared_for != (height, channels):
+            self.prepare(height, channels, accelerator)
         with torch.random.fork_rng(devices=[]):
-            if self._extractor is None:
-                channels, height, _ = pipeline_image_shape(pipeline)
-                if accelerator is not None:
-                    with accelerator.main_process_first():
-                        self._extractor = build_feature_extractor(
-                            self.feature, self.reference, height, channels, self.cache_dir,
-                            self.classifier_settings, self.progress and is_main)
-                else:
-                    self._extractor = build_feature_extractor(self.feature, self.reference, height, channels,
-                                                              self.cache_dir, self.classifier_settings, self.progress)
-                if is_main:
-                    self._reference_feats, _ = reference_features(self.reference, self._extractor, height, channels,
-                                                                  self.num_reference, self.cache_dir, seed=0)
             details = evaluate_pipeline(
                 pipeline, self.reference, self.num_samples, feature=self.feature, num_reference=self.num_reference,
                 batch_size=self.batch_size, seed=self.seed, num_inference_steps=self.num_inference_steps, eta=self.eta,

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def convergence():
     spec = importlib.util.spec_from_file_location("convergence", os.path.join(REPO, "benchmarks", "convergence.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["convergence"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
