@@ -297,3 +297,20 @@ def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_di
     per_process = [json.loads((tmp_path / f"evaluator{r}.json").read_text()) for r in range(2)]
     assert per_process[0] == per_process[1]
     assert per_process[0]["fid"] == pytest.approx(single["fid"], rel=1e-5)
+
+
+def test_sample_only_command_then_scoring_the_folder(classifier, cache_dir, tmp_path):
+    from immiscible_pipeline import evaluate
+
+    model = str(tmp_path / "tiny-ddim")
+    tiny_ddim_pipeline().save_pretrained(model)
+    images = tmp_path / "samples"
+    assert evaluate.main(["--model", model, "--sample_only", "--save_images", str(images), "--num_samples", "5",
+                          "--num_inference_steps", "2", "--batch_size", "2"]) is None
+    assert sorted(p.name for p in images.glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    result = evaluate.main(["--images", str(images), "--reference", "mnist", "--feature", "classifier",
+                            "--cache_dir", cache_dir, "--classifier_steps", "60", "--num_reference", "50",
+                            "--kid_subsets", "2", "--output_json", str(tmp_path / "scores.json")])
+    assert result["num_fake"] == 5 and result["num_real"] == 50 and result["resolution"] == RESOLUTION
+    assert result["feature"] == classifier.name and result["fid"] > 0
+    assert json.loads((tmp_path / "scores.json").read_text())["fid"] == result["fid"]
