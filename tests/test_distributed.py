@@ -102,8 +102,8 @@ def test_bf16_tensors_and_cost_keep_dtype_and_reach_the_single_process_cost(rank
     assert all(r["bf16"]["out"].dtype == torch.bfloat16 for r in ranks)
     x0, noise, out = concat(ranks, "bf16", "x0"), concat(ranks, "bf16", "noise"), concat(ranks, "bf16", "out")
     single = ImmiscibleNoise("linear", cost_dtype="bfloat16").assign(x0, noise)
-    total = (x0.float() - out.float()).flatten(1).norm(dim=1).sum()
-    assert total == pytest.approx((x0.float() - single.float()).flatten(1).norm(dim=1).sum(), rel=1e-4)
+    total = (x0.float() - out.float()).flatten(1).norm(dim=1).sum().item()
+    assert total == pytest.approx((x0.float() - single.float()).flatten(1).norm(dim=1).sum().item(), rel=1e-4)
 
 
 def test_bad_input_on_one_process_raises_on_every_process(ranks):
