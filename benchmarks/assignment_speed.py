@@ -79,6 +79,10 @@ def parse_args(argv=None):
                         help="low-precision cost dtypes to measure")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core)")
+    parser.add_argument("--max_load", type=float, default=None,
+                        help="on a shared machine: before each size, wait until the 1-minute load average is below "
+                             "this (at most --max_wait seconds), so that other programs' bursts stay out of the timing")
+    parser.add_argument("--max_wait", type=float, default=900.0, help="longest wait per size for --max_load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=str, default=None,
                         help="also write the report to OUTPUT.md and the raw numbers to OUTPUT.json")
@@ -178,6 +182,16 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def wait_for_quiet(max_load: float | None, max_wait: float) -> float:
+    """Seconds spent waiting for the 1-minute load average to drop below `max_load` (0 if no limit)."""
+    if max_load is None or load_average() is None:
+        return 0.0
+    start = time.perf_counter()
+    while load_average() >= max_load and time.perf_counter() - start < max_wait:
+        time.sleep(5.0)
+    return time.perf_counter() - start
 
 
 def exact_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -495,6 +509,10 @@ class Progress:
         self.started = True
         self.bar.set_description(label)
 
+    def describe(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(label)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -531,13 +549,18 @@ def main(argv=None) -> dict:
     progress = Progress(len(configs) * steps_per_config, disabled=args.no_progress)
     results = []
     for batch, dim in configs:
+        progress.describe(f"B={batch} D={dim} waiting for load < {args.max_load}")
+        waited = wait_for_quiet(args.max_load, args.max_wait)
         results.append(bench_config(batch, dim, args, lambda label, b=batch, d=dim: progress.step(f"B={b} D={d} {label}")))
+        results[-1]["waited_s"] = waited
     progress.close()
 
     targets = evaluate_targets(results, args.low_precision)
     header = (f"Command: `{command}`  \nDate: {date}  \nCPU: {info['cpu']}, {info['threads']} threads; "
               f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}  \n"
-              f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB.")
+              f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB"
+              + ("." if args.max_load is None else f"; each size started once the 1-min load average was below "
+                 f"{args.max_load:g} (waited at most {args.max_wait:g} s)."))
     text = "\n\n".join([header, report_tables(results, args.low_precision), "Targets\n\n" + report_targets(targets)])
     print(text)
     report = dict(command=command, date=date, machine=info, repeats=args.repeats, max_memory_gb=args.max_memory_gb,
