@@ -48,6 +48,12 @@ def row_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
 
 
+def draw_noise(x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, I) shaped like x0 (its dtype and device), drawn on the generator's device if one is given."""
+    dev = generator.device if generator is not None else x0.device
+    return torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.device, x0.dtype)
+
+
 def can_repair(batch_size: int, labels: torch.Tensor | None) -> bool:
     """Whether any two samples may swap noise: B > 1, and with groups, some group of two or more."""
     if labels is None:
@@ -116,9 +122,7 @@ class ImmiscibleNoise:
         """
         self._validate(x0, groups=groups)
         if self.method != "knn":
-            dev = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.device, x0.dtype)
-            return self.assign(x0, noise, groups=groups)
+            return self._assign(x0, draw_noise(x0, generator), groups)  # fresh noise needs no finiteness check
         start = time.perf_counter()
         sampler = knn_noise if self.knn_sampler == "fast" else knn_noise_reference
         noise, before, after = sampler(x0, self.k, generator)
@@ -134,6 +138,9 @@ class ImmiscibleNoise:
         if self.method == "knn":
             raise ValueError("method='knn' draws its own candidates: call imm(x0) instead of imm.assign(x0, noise)")
         self._validate(x0, noise, groups)
+        return self._assign(x0, noise, groups)
+
+    def _assign(self, x0: torch.Tensor, noise: torch.Tensor, groups) -> torch.Tensor:
         start = time.perf_counter()
         labels = None if groups is None else as_group_tensor(groups, x0.shape[0])
         if self.method == "none":
@@ -142,12 +149,13 @@ class ImmiscibleNoise:
             return noise
         cost = pairwise_l2(x0, noise, self.cost_dtype).cpu()
         perm = assignment_permutation(cost, labels, self.solver)
+        assigned = noise[perm.to(noise.device)]
         if self.cost_dtype == "float32":
             before, after = cost.diagonal(), cost[torch.arange(perm.numel()), perm]
         else:  # report true float32 distances, not the low-precision cost
-            before, after = row_distances(x0, noise), row_distances(x0, noise[perm.to(noise.device)])
+            before, after = row_distances(x0, noise), row_distances(x0, assigned)
         self._record(before.mean().item(), after.mean().item(), x0.shape[0], start, not can_repair(x0.shape[0], labels))
-        return noise[perm.to(noise.device)]
+        return assigned
 
     def _validate(self, x0, noise=None, groups=None) -> None:
         if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[0] == 0:

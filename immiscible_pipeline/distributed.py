@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor, can_repair
+from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor, can_repair, draw_noise
 from .linear_assignment import COST_DTYPES, SOLVERS, assignment_permutation, pairwise_l2
 
 logger = logging.getLogger(__name__)
@@ -171,9 +171,7 @@ class GlobalImmiscibleNoise:
                  groups: torch.Tensor | Sequence | None = None) -> torch.Tensor:
         """Fresh N(0, I) noise shaped like x0 (this process's batch), assigned over the global batch."""
         _check_tensor(x0)
-        dev = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.device, x0.dtype)
-        return self.assign(x0, noise, groups=groups)
+        return self.assign(x0, draw_noise(x0, generator), groups=groups)
 
     def assign(self, x0: torch.Tensor, noise: torch.Tensor,
                groups: torch.Tensor | Sequence | None = None) -> torch.Tensor:
