@@ -31,7 +31,8 @@ from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments
                                          epoch_plan, make_ema, make_lr_scheduler, resume, setup_accelerator,
                                          step_logs)
 from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
-                                          register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config)
+                                          StopOnSignal, register_checkpoint_hooks, sample_images, save_checkpoint,
+                                          tracker_config)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -198,7 +199,7 @@ def main(args):
     # --- training ----------------------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    train_loss = 0.0
+    train_loss, interrupted, stop = 0.0, False, StopOnSignal(accelerator)
     for epoch in range(first_epoch, num_epochs):
         train_images.start_epoch(epoch)  # this epoch's shuffle and augmentations
         model.train()
@@ -232,8 +233,11 @@ def main(args):
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
             train_loss = 0.0
-            if global_step % args.checkpointing_steps == 0:
+            interrupted = stop.requested()  # Ctrl-C or SIGTERM on any process: checkpoint, then leave
+            if global_step % args.checkpointing_steps == 0 or interrupted:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if interrupted:
+                break
             if (global_step % args.validation_steps == 0 and global_step < max_train_steps
                     and accelerator.is_main_process):
                 pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model),
@@ -245,9 +249,12 @@ def main(args):
                 evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, global_step)
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if interrupted or global_step >= max_train_steps:
             break
     progress_bar.close()
+    if interrupted:
+        stop.exit(global_step, args.output_dir)  # its checkpoint is saved; no pipeline from a cut-short run
+    stop.restore()
 
     # --- save ----------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

@@ -34,7 +34,7 @@ from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransf
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
                                          add_optimizer_arguments, add_output_arguments, check_common_args, epoch_plan,
                                          make_ema, make_lr_scheduler, resume, setup_accelerator, step_logs)
-from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, image_grid, log_images,
+from immiscible_pipeline.training import (PREDICTION_TYPES, StopOnSignal, averaged_weights, image_grid, log_images,
                                           register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config,
                                           weight_dtype)
 
@@ -274,7 +274,7 @@ def main(args):
     # --- training ----------------------------------------------------------------------------------------
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-    train_loss = 0.0
+    train_loss, interrupted, stop = 0.0, False, StopOnSignal(accelerator)
     for epoch in range(first_epoch, num_epochs):
         train_samples.start_epoch(epoch)  # this epoch's shuffle, flips and prompt choices
         unet.train()
@@ -317,8 +317,11 @@ def main(args):
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
             train_loss = 0.0
-            if global_step % args.checkpointing_steps == 0:
+            interrupted = stop.requested()  # Ctrl-C or SIGTERM on any process: checkpoint, then leave
+            if global_step % args.checkpointing_steps == 0 or interrupted:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if interrupted:
+                break
             if (args.validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps
                     and accelerator.is_main_process):
                 pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
@@ -328,9 +331,12 @@ def main(args):
                                  Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
             if global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
+        if interrupted or global_step >= max_train_steps:
             break
     progress_bar.close()
+    if interrupted:
+        stop.exit(global_step, args.output_dir)  # its checkpoint is saved; no pipeline from a cut-short run
+    stop.restore()
 
     # --- save ----------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

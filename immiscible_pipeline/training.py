@@ -20,6 +20,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -116,6 +119,58 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     return path
 
 
+class StopOnSignal:
+    """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's pre-emption, torchrun's shutdown) into a request to stop
+    at the next step boundary, so that the loop can save a checkpoint and leave instead of dying mid-step:
+
+        stop = StopOnSignal(accelerator)
+        for batch in loader:
+            ...one optimisation step...
+            if stop.requested():      # on every process at once: the flag is reduced across processes
+                save_checkpoint(...)
+                break
+        stop.restore()
+
+    A second signal while the first is pending stops at once (KeyboardInterrupt). Under torchrun (several
+    processes) the ranks run in sessions of their own and get the signal from the agent, once. Handlers can
+    only be set from the main thread; elsewhere the object does nothing and `requested()` stays False.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator):
+        self.accelerator, self.pending, self.previous = accelerator, False, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            self.restore()
+            raise KeyboardInterrupt
+        self.pending = True
+        self.accelerator.set_trigger()
+        logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """True on every process once any of them received a signal (a collective: call it on all)."""
+        return self.accelerator.check_trigger()
+
+    def restore(self) -> None:
+        """Puts the previous handlers back."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def exit(self, step: int, output_dir: str | os.PathLike) -> None:
+        """Ends the run after the checkpoint of `step` was saved: trackers closed, exit status 130 (as Ctrl-C)."""
+        self.restore()
+        logger.warning("Interrupted at step %d: its checkpoint is in %s; continue with --resume_from_checkpoint "
+                       "latest", step, output_dir)
+        self.accelerator.end_training()
+        sys.exit(130)
+
+
 def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint to resume from: None if not asked; "latest" is the newest in `output_dir` (None if
     there is none yet, so a first run with `latest` just starts); otherwise a path, or a checkpoint name in
@@ -151,7 +206,8 @@ EMA_STATE_FILE = "ema_state.json"
 def save_ema(ema, folder: str | os.PathLike) -> None:
     """An `EMAModel` (built with `model_cls` and `model_config`) as a plain diffusers model folder holding the
     averaged weights (loadable with `from_pretrained`), plus its decay state in `ema_state.json`."""
-    model = ema.model_cls.from_config(ema.model_config)
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: keep training's RNG
+        model = ema.model_cls.from_config(ema.model_config)
     ema.copy_to(model.parameters())
     model.save_pretrained(folder)
     state = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
@@ -160,7 +216,8 @@ def save_ema(ema, folder: str | os.PathLike) -> None:
 
 def load_ema(ema, folder: str | os.PathLike) -> None:
     """Restores what `save_ema` wrote into `ema`, in place (bit-exact)."""
-    model = ema.model_cls.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        model = ema.model_cls.from_pretrained(folder)
     state = json.loads((Path(folder) / EMA_STATE_FILE).read_text())
     device = ema.shadow_params[0].device if ema.shadow_params else None
     ema.load_state_dict({**state, "shadow_params": [param.detach().to(device) for param in model.parameters()]})

@@ -5,14 +5,14 @@ the single-process solve of the concatenated batch happens here in the parent pr
 """
 
 import os
-import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from launching import free_port, run_launched
 
 from immiscible_pipeline import ImmiscibleNoise
 from immiscible_pipeline.distributed import (Collective, GlobalImmiscibleNoise, build_immiscible,
@@ -21,12 +21,6 @@ from immiscible_pipeline.distributed import (Collective, GlobalImmiscibleNoise, 
 WORKER = Path(__file__).parent / "scripts" / "global_assignment_worker.py"
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("equal", "unequal_groups", "empty", "no_accelerator")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +32,8 @@ def ranks(tmp_path_factory):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = run_launched(cmd, env=env, timeout=240)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-5000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

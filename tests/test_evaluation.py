@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from launching import free_port, run_launched
 
 from immiscible_pipeline.classifier import ClassifierTraining, cached_classifier_features, train_classifier
 from immiscible_pipeline.evaluation import TrainingEvaluator, evaluate_pipeline
@@ -267,12 +267,11 @@ def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_di
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    port = str(29500 + os.getpid() % 1000)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-               str(driver), model, cache_dir, str(tmp_path)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(driver), model, cache_dir, str(tmp_path)]
+    run = run_launched(command, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:]
 
     images = tmp_path / "images"
     assert sorted(p.name for p in images.glob("*.png")) == [f"{i:06d}.png" for i in range(10)]

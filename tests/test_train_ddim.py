@@ -6,7 +6,7 @@ Launches cost several seconds of imports each, so there are three; the rest runs
 import importlib.util
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +17,8 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDIMPipeline, DDPMScheduler, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
+
+from launching import free_port, interrupt_after_first_step, run_launched
 
 import immiscible_pipeline.hub as hub
 
@@ -53,20 +55,21 @@ def run_in_process(trainer, argv):
         GradientState._reset_state()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def launch_topology(processes: int) -> list:
+    """`accelerate launch` flags for `processes` CPU processes (MULTI_CPU with gloo when there are several)."""
+    topology = ["--num_processes", "1"] if processes == 1 else [
+        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    return ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *topology]
+
+
+def launch_environment() -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
-    topology = ["--num_processes", "1"] if processes == 1 else [
-        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", *topology, str(SCRIPT), *argv]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, f"launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_topology(processes), str(SCRIPT), *argv]
+    result = run_launched(command, env=launch_environment(), timeout=600)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
     return result
 
 
@@ -180,6 +183,65 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     grids = [Image.open(tmp_path / run / "samples.png").tobytes() for run in ("straight", "interrupted")]
     assert grids[0] == grids[1]
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_resumed_run_is_exact(trainer, tmp_path, tiny_args,
+                                                                               monkeypatch):
+    # As above, but no periodic checkpoint: Ctrl-C arrives during step 3's first micro-batch.
+    flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 100,
+             "--validation_steps", 100, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
+             "--report_to", "none"]
+    calls, interrupt_on_call = [], set()
+    real_build = trainer.build_immiscible
+
+    def interrupting_build(*args, **kwargs):
+        imm = real_build(*args, **kwargs)
+
+        class Interrupting:
+            last_stats = property(lambda self: imm.last_stats)
+
+            def __call__(self, x0, **kw):
+                calls.append(x0)
+                if len(calls) in interrupt_on_call:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return imm(x0, **kw)
+        return Interrupting()
+
+    monkeypatch.setattr(trainer, "build_immiscible", interrupting_build)
+    run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
+    calls.clear()
+    interrupt_on_call.add(4)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags))
+    assert stopped.value.code == 130 and len(calls) == 5  # step 3 was finished, then nothing more
+    assert checkpoints(tmp_path / "interrupted") == ["checkpoint-3"]
+    assert not (tmp_path / "interrupted" / "model_index.json").exists()  # no half-trained pipeline
+    assert signal.getsignal(signal.SIGINT) is previous_handler
+
+    calls.clear()
+    interrupt_on_call.clear()
+    run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags, "--resume_from_checkpoint", "latest"))
+    assert len(calls) == 3
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "interrupted" / weights)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, tiny_args, processes):
+    # Ctrl-C reaches the launcher's process group (with 2 processes torchrun passes it on to the ranks);
+    # all ranks must stop at the same step and save it together.
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_topology(processes), str(SCRIPT),
+               *tiny_args(output, "--max_train_steps", 100000, "--checkpointing_steps", 100000,
+                          "--validation_steps", 100000, "--report_to", "none", "--train_batch_size", 2)]
+    result = interrupt_after_first_step(command, timeout=300, env=launch_environment())
+    assert result.returncode != 0 and "Interrupted at step" in result.stdout, result.stdout[-4000:]
+    (saved,) = checkpoints(output)
+    assert f"Interrupted at step {saved.removeprefix('checkpoint-')}:" in result.stdout
+    assert {"unet", "optimizer.bin", *(f"random_states_{rank}.pkl" for rank in range(processes))} <= {
+        path.name for path in (output / saved).iterdir()}
 
 
 def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp_path, tiny_args, monkeypatch):

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from launching import free_port, interrupt_after_first_step, run_launched
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,12 +34,6 @@ SCRIPT = REPO / "train_immiscible_sd.py"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment(**extra) -> dict:
@@ -57,10 +52,9 @@ def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
     else:  # MULTI_CPU with gloo: --multi_gpu plus ACCELERATE_USE_CPU (see DESIGN.md)
         cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
         env = environment(ACCELERATE_USE_CPU="true")
-    proc = subprocess.run(cmd + [str(SCRIPT), "--output_dir", str(output_dir), *map(str, flags)], env=env,
-                          capture_output=True, text=True, timeout=540)
-    Path(f"{output_dir}.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = run_launched(cmd + [str(SCRIPT), "--output_dir", str(output_dir), *map(str, flags)], env=env, timeout=540)
+    Path(f"{output_dir}.log").write_text(proc.stdout)
+    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-6000:]}"
     return output_dir
 
 
@@ -193,6 +187,18 @@ def test_resume_from_checkpoint_is_exact(finetune, resumed):
     last = "checkpoint-8/unet"
     assert max_difference(unet_weights(resumed / last), unet_weights(finetune / last)) == 0
     assert len(scalars(resumed)["loss"]) == 4  # steps 5 to 8 only: the 4 batches seen were skipped
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_sd, labelled_folder):
+    flags = finetune_flags(tiny_sd, labelled_folder) + ["--max_train_steps", 100000, "--checkpointing_steps", 100000,
+                                                         "--validation_steps", 100000]
+    command = LAUNCH + ["--num_processes", "1", str(SCRIPT), "--output_dir", str(tmp_path), *map(str, flags)]
+    result = interrupt_after_first_step(command, timeout=300, signum=signal.SIGTERM, env=environment())
+    assert "SIGTERM received" in result.stdout and result.returncode != 0, result.stdout[-4000:]
+    (saved,) = tmp_path.glob("checkpoint-*")
+    assert f"Interrupted at step {saved.name.removeprefix('checkpoint-')}:" in result.stdout
+    assert {"unet", "unet_ema", "optimizer.bin"} <= {path.name for path in saved.iterdir()}
+    assert not (tmp_path / "model_index.json").exists()
 
 
 def test_cached_latents_train_like_the_images(finetune, cached, runs, tiny_sd):

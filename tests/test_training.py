@@ -1,6 +1,8 @@
 """immiscible_pipeline.training: loss target, checkpoints, resume position, EMA hooks, trackers, grids."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from immiscible_pipeline.training import (averaged_weights, check_report_to, check_xformers_available,
+from immiscible_pipeline.training import (StopOnSignal, averaged_weights, check_report_to, check_xformers_available,
                                           checkpoint_step, diffusion_loss, find_checkpoint, image_grid,
                                           list_checkpoints, log_images, load_ema, register_checkpoint_hooks,
                                           resume_position, rotate_checkpoints, sample_images, save_ema,
@@ -100,6 +102,25 @@ def _tiny_unet(config):
     return UNet2DModel(**config)
 
 
+def test_a_signal_becomes_a_stop_request_at_the_next_check(fresh_accelerate):
+    accelerator = Accelerator(cpu=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal(accelerator)
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the handler
+        assert stop.requested() and not stop.requested()  # reported once
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+    stop = StopOnSignal(accelerator)
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # asked twice: stop at once, with the old handlers back
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_ema_round_trip_is_exact(tmp_path, tiny_unet_config):
     model = _tiny_unet(tiny_unet_config)
     ema = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=0.5, model_cls=UNet2DModel,
@@ -109,10 +130,14 @@ def test_ema_round_trip_is_exact(tmp_path, tiny_unet_config):
             for param in model.parameters():
                 param.add_(torch.randn_like(param))
         ema.step(model.parameters())
+    rng = torch.get_rng_state()
     save_ema(ema, tmp_path / "ema")
+    assert torch.equal(torch.get_rng_state(), rng)  # saving a checkpoint must not change the training's noise
     assert UNet2DModel.from_pretrained(tmp_path / "ema") is not None  # a plain model folder
     restored = EMAModel(_tiny_unet(tiny_unet_config).parameters(), model_cls=UNet2DModel, model_config=model.config)
+    rng = torch.get_rng_state()
     load_ema(restored, tmp_path / "ema")
+    assert torch.equal(torch.get_rng_state(), rng)
     assert restored.optimization_step == 3 and restored.decay == 0.9 and restored.power == 0.5
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, restored.shadow_params))
     assert json.loads((tmp_path / "ema" / "ema_state.json").read_text())["use_ema_warmup"] is True

@@ -1,0 +1,74 @@
+"""Helpers for tests that start processes with `accelerate launch` (imported as `from launching import ...`).
+
+Every launch runs in its own session (process group), so that a timeout kills the launcher AND the ranks it
+started (a plain `subprocess.run` timeout kills only the launcher and leaves the ranks running), and so that
+a test can send Ctrl-C to the whole group as a terminal does.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+
+# tqdm's counter once at least one step is done: "Steps:  25%|##5       | 1/4 [..."
+STEP_DONE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*[1-9]\d*/\d+ \[")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(command, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            **kwargs)
+
+
+def _kill_group(proc: subprocess.Popen, signum=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Like `subprocess.run(command, capture_output=True, text=True, timeout=...)` (stderr is merged into
+    stdout), but a timeout kills the whole process group before raising."""
+    proc = _start(command, text=True, **kwargs)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        output, _ = proc.communicate()
+        raise AssertionError(f"{command} timed out after {timeout} s:\n{output[-4000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
+
+
+def interrupt_after_first_step(command, timeout: float, signum=signal.SIGINT, **kwargs) -> subprocess.CompletedProcess:
+    """Runs `command` and sends `signum` to its process group (Ctrl-C by default) as soon as its progress
+    bar shows a finished step; returns the completed process with its merged output."""
+    proc = _start(command, **kwargs)
+    chunks, sent = [], threading.Event()
+
+    def read():
+        for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):
+            chunks.append(chunk)
+            if not sent.is_set() and STEP_DONE.search(b"".join(chunks).decode(errors="replace")):
+                _kill_group(proc, signum)
+                sent.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    # The output ends when every process of the group has closed it: the launcher can exit on Ctrl-C before
+    # the training process has finished saving.
+    reader.join(timeout=timeout)
+    if reader.is_alive():
+        _kill_group(proc)
+        reader.join()
+    proc.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    assert sent.is_set(), f"{command} never finished a step:\n{output[-4000:]}"
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
