@@ -38,10 +38,12 @@ logger = get_logger(__name__, log_level="INFO")
 
 # Flags left unset take these values: with no dataset flag, a demo on the bundled MNIST sized to finish in a
 # few minutes on a CPU; with a dataset, the DDPM CIFAR-10 UNet at its 32 px, trained for --num_epochs.
-DEMO_DEFAULTS = {"unet": MNIST_UNET, "max_train_steps": 1500, "learning_rate": 1e-3, "lr_warmup_steps": 100,
-                 "use_ema": True}
-DATASET_DEFAULTS = {"unet": CIFAR10_UNET, "max_train_steps": None, "learning_rate": 2e-4, "lr_warmup_steps": 500,
-                    "use_ema": False}
+# The demo's batch of 64 for 1200 steps took 4.4 min on 2 cores (FID 10.5 on the classifier features), where
+# batch 128 for 600 steps took the same time and reached FID 27.8: on a CPU, more steps beat bigger batches.
+DEMO_DEFAULTS = {"unet": MNIST_UNET, "train_batch_size": 64, "max_train_steps": 1200, "learning_rate": 1e-3,
+                 "lr_warmup_steps": 100, "use_ema": True}
+DATASET_DEFAULTS = {"unet": CIFAR10_UNET, "train_batch_size": 128, "max_train_steps": None, "learning_rate": 2e-4,
+                    "lr_warmup_steps": 500, "use_ema": False}
 
 
 def parse_args(input_args=None):
@@ -74,10 +76,11 @@ def parse_args(input_args=None):
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="immiscible-ddim")
     train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
-    train.add_argument("--train_batch_size", type=int, default=128, help="Batch size per process.")
+    train.add_argument("--train_batch_size", type=int, default=None,
+                       help="Batch size per process. Default: 64 for the MNIST demo, 128 for a dataset.")
     train.add_argument("--num_epochs", type=int, default=100)
     train.add_argument("--max_train_steps", type=int, default=None,
-                       help="Optimisation steps; overrides --num_epochs. Default: 1500 for the MNIST demo.")
+                       help="Optimisation steps; overrides --num_epochs. Default: 1200 for the MNIST demo.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     train.add_argument("--learning_rate", type=float, default=None,

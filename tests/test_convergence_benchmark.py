@@ -31,6 +31,19 @@ def test_first_reach_interpolates_between_evaluations(convergence):
     assert convergence.first_reach(bumpy, 9.5) == 1.0  # the first time, not the last
 
 
+def test_speed_up_at_equal_fid_counts_slower_methods_too(convergence):
+    def run(method, seed, fids):
+        return {"method": method, "seed": seed, "curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)],
+                "step_ms_median": 1.0, "noise_ms_median": 0.1}
+    runs = [run("none", 0, [40, 20, 10]), run("linear", 0, [30, 10, 8]), run("knn", 0, [45, 30, 20])]
+    summary = convergence.summarise(runs, ["none", "linear", "knn"], [0])
+    assert summary["reach"]["linear"][0] == pytest.approx(200.0) and summary["ratio"]["linear"] == [1.5]
+    assert summary["reach"]["knn"][0] is None and summary["unreached"]["knn"] == [0]
+    # knn ends at FID 20, which vanilla reached at step 200: two thirds of knn's 300 steps.
+    assert summary["equal_fid"]["knn"] == [pytest.approx(2 / 3)] and summary["equal_fid"]["linear"] == [1.5]
+    assert summary["equal_fid"]["none"] == [1.0]
+
+
 def test_smoke_run_writes_table_plot_and_runs(convergence, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--smoke", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
@@ -44,7 +57,7 @@ def test_smoke_run_writes_table_plot_and_runs(convergence, tmp_path, capsys):
         assert run["step_ms_median"] > 0 and run["noise_ms_median"] > 0
     table = (out / "results.md").read_text()
     assert "| step | none | linear | knn |" in table and "| 3 |" in table and "| 6 |" in table
-    assert "speed-up" in table and "noise call share" in table
+    assert "speed-up" in table and "Speed-up at equal FID" in table and "noise call share" in table
     assert (out / "fid_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["classifier_test_accuracy"] is not None and len(list((out / "runs").glob("*.json"))) == 3

@@ -313,11 +313,13 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
 
 def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
-    assert demo.bundled_demo and demo.max_train_steps == 1500 and demo.use_ema and demo.learning_rate == 1e-3
+    assert demo.bundled_demo and demo.max_train_steps == 1200 and demo.use_ema and demo.learning_rate == 1e-3
+    assert demo.train_batch_size == 64
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
+    assert dataset.train_batch_size == 128
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
     assert dataset.eval_inference_steps == dataset.ddim_num_inference_steps
 
