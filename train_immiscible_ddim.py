@@ -204,6 +204,8 @@ def main(args):
                         disable=not accelerator.is_local_main_process)
     train_loss, interrupted, stop = 0.0, False, StopOnSignal(accelerator)
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break  # resumed from the final step's checkpoint: nothing left to train
         train_images.start_epoch(epoch)  # this epoch's shuffle and augmentations
         model.train()
         batches = loader
@@ -236,7 +238,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
             train_loss = 0.0
-            interrupted = stop.requested()  # Ctrl-C or SIGTERM on any process: checkpoint, then leave
+            # Ctrl-C or SIGTERM on any process: checkpoint, then leave (at the last step: just finish)
+            interrupted = stop.requested() and global_step < max_train_steps
             if global_step % args.checkpointing_steps == 0 or interrupted:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             if interrupted:

@@ -255,8 +255,11 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
                 reach[m][s] = mine
                 if mine is None:
                     unreached[m].append(s)
-                    # The method ends worse: how many steps vanilla needed for the method's final FID.
-                    equal_fid[m].append(first_reach(by[("none", s)]["curve"], fid[m][s][-1]) / steps[-1])
+                    # The method ends worse: how many steps vanilla needed for the method's final FID
+                    # (never, if either curve is NaN: a diverged run gets no ratio).
+                    vanilla_steps = first_reach(by[("none", s)]["curve"], fid[m][s][-1])
+                    if vanilla_steps is not None:
+                        equal_fid[m].append(vanilla_steps / steps[-1])
                 else:
                     ratio[m].append(theirs / mine)
                     equal_fid[m].append(theirs / mine)

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -97,11 +98,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Deletes the oldest checkpoints so that one more fits within `total_limit`; returns what it deleted."""
+    """Deletes the oldest checkpoints so that at most `total_limit` remain; returns what it deleted."""
     if total_limit is None:
         return []
     checkpoints = list_checkpoints(output_dir)
-    doomed = checkpoints[:max(0, len(checkpoints) + 1 - total_limit)]
+    doomed = checkpoints[:max(0, len(checkpoints) - total_limit)]
     for path in doomed:
         logger.info("removing checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
         shutil.rmtree(path)
@@ -109,12 +110,25 @@ def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None = None) -> Path:
-    """`accelerator.save_state` into `output_dir/checkpoint-<step>` after rotating old ones. Call it on every
-    process: each saves its own RNG state, and DeepSpeed or FSDP shard the rest."""
-    if accelerator.is_main_process:
-        rotate_checkpoints(output_dir, total_limit)
+    """`accelerator.save_state` into `output_dir/checkpoint-<step>`, then rotation of old ones. Call it on every
+    process: each saves its own RNG state, and DeepSpeed or FSDP shard the rest.
+
+    The state is written to `checkpoint-<step>.partial` and renamed once every process has finished, and old
+    checkpoints are deleted only then: a save cut short (a kill after Ctrl-C, a full disk) never leaves a
+    half-written folder for `--resume_from_checkpoint latest`, nor deletes the last good one."""
     path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(path))
+    partial = path.with_name(path.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # left by an earlier save that was cut short
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+        rotate_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
     logger.info("saved state to %s", path)
     return path
 
@@ -131,29 +145,35 @@ class StopOnSignal:
                 break
         stop.restore()
 
-    A second signal while the first is pending stops at once (KeyboardInterrupt). Under torchrun (several
-    processes) the ranks run in sessions of their own and get the signal from the agent, once. Handlers can
-    only be set from the main thread; elsewhere the object does nothing and `requested()` stays False.
+    A second Ctrl-C at least `patience` seconds after the first stops at once (KeyboardInterrupt); repeated
+    SIGTERMs and quick repeats are ignored, as a scheduler may send SIGTERM to every process and torchrun then
+    passes it on once more. Under torchrun the ranks run in sessions of their own: a terminal's Ctrl-C reaches
+    them through the agent. Handlers can only be set from the main thread; elsewhere the object does nothing
+    and `requested()` only reports other processes' requests.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, accelerator):
-        self.accelerator, self.pending, self.previous = accelerator, False, {}
+    def __init__(self, accelerator, patience: float = 2.0):
+        self.accelerator, self.patience = accelerator, patience
+        self.first_signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        if self.pending:
+        # Only notes the request: the collective flag is set by `requested()`, outside the handler.
+        if self.first_signal is None:
+            self.first_signal = time.monotonic()
+            logger.warning("%s received: stopping after this step with a checkpoint (Ctrl-C again to stop at "
+                           "once)", signal.Signals(signum).name)
+        elif signum == signal.SIGINT and time.monotonic() - self.first_signal >= self.patience:
             self.restore()
             raise KeyboardInterrupt
-        self.pending = True
-        self.accelerator.set_trigger()
-        logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
 
     def requested(self) -> bool:
         """True on every process once any of them received a signal (a collective: call it on all)."""
+        if self.first_signal is not None:
+            self.accelerator.set_trigger()
         return self.accelerator.check_trigger()
 
     def restore(self) -> None:

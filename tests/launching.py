@@ -1,8 +1,8 @@
 """Helpers for tests that start processes with `accelerate launch` (imported as `from launching import ...`).
 
-Every launch runs in its own session (process group), so that a timeout kills the launcher AND the ranks it
-started (a plain `subprocess.run` timeout kills only the launcher and leaves the ranks running), and so that
-a test can send Ctrl-C to the whole group as a terminal does.
+Every launch runs in its own session (process group), so that a test can send Ctrl-C to the group as a
+terminal does; a timeout kills the launcher and every process it started (a plain `subprocess.run` timeout
+kills only the launcher, and the ranks it leaves running keep the output pipe open).
 """
 
 import os
@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import threading
+
+import psutil
 
 # tqdm's counter once at least one step is done: "Steps:  25%|##5       | 1/4 [..."
 STEP_DONE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*[1-9]\d*/\d+ \[")
@@ -27,11 +29,27 @@ def _start(command, **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
-def _kill_group(proc: subprocess.Popen, signum=signal.SIGKILL) -> None:
+def _signal_group(proc: subprocess.Popen, signum) -> None:
+    """What a terminal does: the signal to the launcher's process group."""
     try:
         os.killpg(proc.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL to the launcher's group and to every process it started: torchrun starts its ranks in sessions
+    of their own, which the group does not reach."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    _signal_group(proc, signal.SIGKILL)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -41,8 +59,8 @@ def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProce
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        output, _ = proc.communicate()
+        _kill_all(proc)
+        output, _ = proc.communicate(timeout=60)
         raise AssertionError(f"{command} timed out after {timeout} s:\n{output[-4000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, output, "")
 
@@ -57,7 +75,7 @@ def interrupt_after_first_step(command, timeout: float, signum=signal.SIGINT, **
         for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b""):
             chunks.append(chunk)
             if not sent.is_set() and STEP_DONE.search(b"".join(chunks).decode(errors="replace")):
-                _kill_group(proc, signum)
+                _signal_group(proc, signum)
                 sent.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -66,9 +84,9 @@ def interrupt_after_first_step(command, timeout: float, signum=signal.SIGINT, **
     # the training process has finished saving.
     reader.join(timeout=timeout)
     if reader.is_alive():
-        _kill_group(proc)
-        reader.join()
-    proc.wait()
+        _kill_all(proc)
+        reader.join(timeout=60)
+    proc.wait(timeout=60)
     output = b"".join(chunks).decode(errors="replace")
     assert sent.is_set(), f"{command} never finished a step:\n{output[-4000:]}"
     return subprocess.CompletedProcess(command, proc.returncode, output, "")

@@ -42,6 +42,8 @@ def test_speed_up_at_equal_fid_counts_slower_methods_too(convergence):
     # knn ends at FID 20, which vanilla reached at step 200: two thirds of knn's 300 steps.
     assert summary["equal_fid"]["knn"] == [pytest.approx(2 / 3)] and summary["equal_fid"]["linear"] == [1.5]
     assert summary["equal_fid"]["none"] == [1.0]
+    diverged = convergence.summarise(runs[:2] + [run("knn", 0, [45, 30, float("nan")])], ["none", "linear", "knn"], [0])
+    assert diverged["equal_fid"]["knn"] == [] and diverged["unreached"]["knn"] == [0]
 
 
 def test_smoke_run_writes_table_plot_and_runs(convergence, tmp_path, capsys):

@@ -142,24 +142,34 @@ class Interrupted(Exception):
     pass
 
 
+def spy_on_noise(trainer, monkeypatch, interrupt_on_call=()) -> list:
+    """Wraps the script's noise assignment: returns the list of the batches it is called with, and sends this
+    process a SIGINT during the calls numbered in `interrupt_on_call` (a set the test may change)."""
+    calls, real_build = [], trainer.build_immiscible
+
+    def spying_build(*args, **kwargs):
+        imm = real_build(*args, **kwargs)
+
+        class Spy:
+            last_stats = property(lambda self: imm.last_stats)
+
+            def __call__(self, x0, **kw):
+                calls.append(x0.clone())
+                if len(calls) in interrupt_on_call:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return imm(x0, **kw)
+        return Spy()
+
+    monkeypatch.setattr(trainer, "build_immiscible", spying_build)
+    return calls
+
+
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_path, tiny_args, monkeypatch):
     # 12 images, batch 4, accumulation 2: updates of [b0 b1] [b2] per epoch; checkpoint 3 is mid-epoch 1.
     flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
              "--validation_steps", 2, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
              "--report_to", "none"]
-    calls = []
-    real_build, real_save = trainer.build_immiscible, trainer.save_checkpoint
-
-    def counting_build(*args, **kwargs):
-        imm = real_build(*args, **kwargs)
-
-        class Counting:
-            last_stats = property(lambda self: imm.last_stats)
-
-            def __call__(self, x0, **kw):
-                calls.append(x0.clone())
-                return imm(x0, **kw)
-        return Counting()
+    calls, real_save = spy_on_noise(trainer, monkeypatch), trainer.save_checkpoint
 
     def save_then_crash(accelerator, output_dir, step, total_limit=None):
         path = real_save(accelerator, output_dir, step, total_limit)
@@ -167,7 +177,6 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
             raise Interrupted
         return path
 
-    monkeypatch.setattr(trainer, "build_immiscible", counting_build)
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
     assert len(calls) == 8
@@ -191,23 +200,8 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_resumed_run_is_exact(tr
     flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 100,
              "--validation_steps", 100, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
              "--report_to", "none"]
-    calls, interrupt_on_call = [], set()
-    real_build = trainer.build_immiscible
-
-    def interrupting_build(*args, **kwargs):
-        imm = real_build(*args, **kwargs)
-
-        class Interrupting:
-            last_stats = property(lambda self: imm.last_stats)
-
-            def __call__(self, x0, **kw):
-                calls.append(x0)
-                if len(calls) in interrupt_on_call:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return imm(x0, **kw)
-        return Interrupting()
-
-    monkeypatch.setattr(trainer, "build_immiscible", interrupting_build)
+    interrupt_on_call = set()
+    calls = spy_on_noise(trainer, monkeypatch, interrupt_on_call)
     run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
     calls.clear()
     interrupt_on_call.add(4)
@@ -226,6 +220,18 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_resumed_run_is_exact(tr
     weights = "unet/diffusion_pytorch_model.safetensors"
     straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "interrupted" / weights)
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_resuming_from_the_final_checkpoint_trains_nothing_more(trainer, tmp_path, tiny_args, monkeypatch):
+    flags = ["--max_train_steps", 2, "--checkpointing_steps", 2, "--validation_steps", 100, "--report_to", "none"]
+    calls = spy_on_noise(trainer, monkeypatch)
+    run_in_process(trainer, tiny_args(tmp_path, *flags))
+    weights = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    calls.clear()
+    run_in_process(trainer, tiny_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
+    assert calls == [] and summary(tmp_path)["global_step"] == 2  # 12 images, batch 4: mid-epoch, yet no step 3
+    again = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[key], again[key]) for key in weights)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

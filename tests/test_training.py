@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 from immiscible_pipeline.training import (StopOnSignal, averaged_weights, check_report_to, check_xformers_available,
                                           checkpoint_step, diffusion_loss, find_checkpoint, image_grid,
                                           list_checkpoints, log_images, load_ema, register_checkpoint_hooks,
-                                          resume_position, rotate_checkpoints, sample_images, save_ema,
+                                          resume_position, rotate_checkpoints, sample_images, save_checkpoint, save_ema,
                                           tracker_config, training_target, updates_per_epoch, weight_dtype)
 
 
@@ -83,9 +84,9 @@ def test_checkpoint_listing_rotation_and_lookup(tmp_path):
                                          r"available: \['checkpoint-10', 'checkpoint-30', 'checkpoint-200'\]"):
         find_checkpoint("checkpoint-5", tmp_path)
     assert rotate_checkpoints(tmp_path, None) == []
-    removed = rotate_checkpoints(tmp_path, 2)  # room for one more within 2: keep only the newest
-    assert [path.name for path in removed] == ["checkpoint-10", "checkpoint-30"]
-    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-200"]
+    removed = rotate_checkpoints(tmp_path, 2)  # the two newest stay
+    assert [path.name for path in removed] == ["checkpoint-10"]
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-30", "checkpoint-200"]
     assert (tmp_path / "checkpoint-final").is_dir() and (tmp_path / "unet").is_dir()
 
 
@@ -109,14 +110,17 @@ def test_a_signal_becomes_a_stop_request_at_the_next_check(fresh_accelerate):
     try:
         assert not stop.requested()
         os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the handler
-        assert stop.requested() and not stop.requested()  # reported once
+        os.kill(os.getpid(), signal.SIGINT)  # a quick repeat (a launcher passing it on): the same request
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) is previous
 
-    stop = StopOnSignal(accelerator)
-    os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):  # asked twice: stop at once, with the old handlers back
+    stop = StopOnSignal(accelerator, patience=0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM never forces
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C once more: stop at once, with the old handlers back
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
 
@@ -141,6 +145,29 @@ def test_ema_round_trip_is_exact(tmp_path, tiny_unet_config):
     assert restored.optimization_step == 3 and restored.decay == 0.9 and restored.power == 0.5
     assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, restored.shadow_params))
     assert json.loads((tmp_path / "ema" / "ema_state.json").read_text())["use_ema_warmup"] is True
+
+
+def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path, fresh_accelerate, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    (tmp_path / "checkpoint-3.partial").mkdir()  # left by a save that was killed
+    save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file() and model is not None
+
+    def cut_short(output_dir, **kwargs):
+        os.makedirs(output_dir)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", cut_short)
+    with pytest.raises(OSError):
+        save_checkpoint(accelerator, tmp_path, 4, total_limit=2)
+    # Nothing rotated away, and `latest` is still the last complete checkpoint.
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert find_checkpoint("latest", tmp_path).name == "checkpoint-3"
 
 
 def test_checkpoint_hooks_restore_model_and_ema(tmp_path, tiny_unet_config, fresh_accelerate):
