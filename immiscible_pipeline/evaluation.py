@@ -16,6 +16,7 @@ always gets the same noise, so the numbers do not depend on the number of proces
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -187,15 +188,13 @@ class TrainingEvaluator:
         features for images of this size. Called by the first evaluation; call it before the training loop to
         pay that cost up front. Every process must call it."""
         is_main = accelerator is None or accelerator.is_main_process
+        # With processes, the main one trains and caches the classifier first; the others then read the cache.
+        first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=[]):
-            if accelerator is not None:
-                with accelerator.main_process_first():
-                    self._extractor = build_feature_extractor(self.feature, self.reference, resolution, channels,
-                                                              self.cache_dir, self.classifier_settings,
-                                                              self.progress and is_main)
-            else:
+            with first:
                 self._extractor = build_feature_extractor(self.feature, self.reference, resolution, channels,
-                                                          self.cache_dir, self.classifier_settings, self.progress)
+                                                          self.cache_dir, self.classifier_settings,
+                                                          self.progress and is_main)
             if is_main:
                 self._reference_feats, _ = reference_features(self.reference, self._extractor, resolution, channels,
                                                               self.num_reference, self.cache_dir, seed=0)

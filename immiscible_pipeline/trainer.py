@@ -11,7 +11,6 @@ groups, the Accelerator set-up, EMA, the step schedule, resuming, and the per-st
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
 The flag names and meanings are diffusers' (train_unconditional.py, train_text_to_image.py) where they exist.
-Written with train_immiscible_sd.py; train_immiscible_ddim.py has the same flags inline.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+
+import torch
 
 from .hub import check_hub_token, create_hub_repo
 from .training import (check_report_to, check_xformers_available, checkpoint_step, find_checkpoint, resume_position,
@@ -115,7 +116,8 @@ def setup_accelerator(args):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    advice = cpu_thread_advice(accelerator.device.type, torch_threads(), available_cores(), accelerator.num_processes)
+    advice = cpu_thread_advice(accelerator.device.type, torch.get_num_threads(), available_cores(),
+                               accelerator.num_processes)
     if advice and accelerator.is_main_process:
         logger.warning(advice)
     if args.seed is not None:
@@ -137,12 +139,6 @@ def cpu_thread_advice(device_type: str, threads: int, cores: int, processes: int
     return (f"Training on the CPU with {threads} thread(s) per process while {cores} cores are free for "
             f"{processes} process(es): to use them, launch with `accelerate launch --num_cpu_threads_per_process "
             f"{per_process} ...` (or set OMP_NUM_THREADS={per_process})")
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def available_cores() -> int:

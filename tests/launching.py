@@ -10,9 +10,13 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import psutil
+
+REPO = Path(__file__).resolve().parent.parent
 
 # tqdm's counter once at least one step is done: "Steps:  25%|##5       | 1/4 [..."
 STEP_DONE = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*[1-9]\d*/\d+ \[")
@@ -22,6 +26,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_command(processes: int, script, *args) -> list:
+    """`accelerate launch` of `script` with `processes` CPU processes: several are MULTI_CPU with gloo, which
+    takes --multi_gpu together with ACCELERATE_USE_CPU (see `launch_environment` and DESIGN.md)."""
+    topology = ["--num_processes", "1"] if processes == 1 else [
+        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *topology, str(script), *map(str, args)]
+
+
+def launch_environment(**extra) -> dict:
+    """Offline, on the CPU, this checkout first on the path, and one thread per process as `accelerate launch`
+    sets it on a CPU: with more threads than free cores, OpenMP's waiting makes a tiny step ~30x slower on a
+    busy machine."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true",
+                PYTHONPATH=path, **{"OMP_NUM_THREADS": "1", **extra})
 
 
 def _start(command, **kwargs) -> subprocess.Popen:

@@ -4,35 +4,26 @@ The real launch (~15 s) runs once per session; its workers save inputs and outpu
 the single-process solve of the concatenated batch happens here in the parent process.
 """
 
-import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from launching import free_port, run_launched
+from launching import launch_command, launch_environment, run_launched
 
 from immiscible_pipeline import ImmiscibleNoise
 from immiscible_pipeline.distributed import (Collective, GlobalImmiscibleNoise, build_immiscible,
                                              integer_labels)
 
 WORKER = Path(__file__).parent / "scripts" / "global_assignment_worker.py"
-REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("equal", "unequal_groups", "empty", "no_accelerator")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("global_assignment")
-    # The same interpreter as the tests, and this checkout's package first on the path.
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(WORKER), str(out)]
-    proc = run_launched(cmd, env=env, timeout=240)
+    proc = run_launched(launch_command(2, WORKER, out), env=launch_environment(), timeout=240)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-5000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

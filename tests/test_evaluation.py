@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-from launching import free_port, run_launched
+from launching import launch_command, launch_environment, run_launched
 
 from immiscible_pipeline.classifier import ClassifierTraining, cached_classifier_features, train_classifier
 from immiscible_pipeline.evaluation import TrainingEvaluator, evaluate_pipeline
@@ -21,7 +20,6 @@ from immiscible_pipeline import reference_stats
 from immiscible_pipeline.reference_data import ReferenceSpec, load_reference_images
 from immiscible_pipeline.sampling import class_prompts, image_seed, sample_images, shard
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 16
 # The same settings everywhere in this file, so that the cached classifier is trained once (~3 s on an idle CPU).
 TINY_CLASSIFIER = ClassifierTraining(steps=60)
@@ -266,11 +264,7 @@ def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_di
     tiny_ddim_pipeline().save_pretrained(model)
     driver = tmp_path / "driver.py"
     driver.write_text(TWO_PROCESS_DRIVER)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(driver), model, cache_dir, str(tmp_path)]
-    run = run_launched(command, env=env, timeout=300)
+    run = run_launched(launch_command(2, driver, model, cache_dir, tmp_path), env=launch_environment(), timeout=300)
     assert run.returncode == 0, run.stdout[-6000:]
 
     images = tmp_path / "images"

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from diffusers import DDIMPipeline, DDPMScheduler, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from launching import free_port, interrupt_after_first_step, run_launched
+from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
 
 import immiscible_pipeline.hub as hub
 
@@ -55,20 +54,8 @@ def run_in_process(trainer, argv):
         GradientState._reset_state()
 
 
-def launch_topology(processes: int) -> list:
-    """`accelerate launch` flags for `processes` CPU processes (MULTI_CPU with gloo when there are several)."""
-    topology = ["--num_processes", "1"] if processes == 1 else [
-        "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    return ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *topology]
-
-
-def launch_environment() -> dict:
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_topology(processes), str(SCRIPT), *argv]
-    result = run_launched(command, env=launch_environment(), timeout=600)
+    result = run_launched(launch_command(processes, SCRIPT, *argv), env=launch_environment(), timeout=600)
     assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
     return result
 
@@ -239,9 +226,9 @@ def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, t
     # Ctrl-C reaches the launcher's process group (with 2 processes torchrun passes it on to the ranks);
     # all ranks must stop at the same step and save it together.
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_topology(processes), str(SCRIPT),
-               *tiny_args(output, "--max_train_steps", 100000, "--checkpointing_steps", 100000,
-                          "--validation_steps", 100000, "--report_to", "none", "--train_batch_size", 2)]
+    command = launch_command(processes, SCRIPT, *tiny_args(output, "--max_train_steps", 100000, "--checkpointing_steps",
+                                                           100000, "--validation_steps", 100000, "--report_to",
+                                                           "none", "--train_batch_size", 2))
     result = interrupt_after_first_step(command, timeout=300, env=launch_environment())
     assert result.returncode != 0 and "Interrupted at step" in result.stdout, result.stdout[-4000:]
     (saved,) = checkpoints(output)

@@ -14,7 +14,6 @@ and one plain `python` process that runs the script's argument and data errors i
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -25,34 +24,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from launching import free_port, interrupt_after_first_step, run_launched
+from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_immiscible_sd.py"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
-
-
-def environment(**extra) -> dict:
-    """Offline, this checkout first on the path, and one thread per process as `accelerate launch` sets it on a
-    CPU: with more threads than free cores, OpenMP's waiting makes a tiny step ~30x slower on a busy machine."""
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path,
-                **{"OMP_NUM_THREADS": "1", **extra})
-
-
 def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
     """Runs the script with `accelerate launch`; returns output_dir (the log is output_dir.log)."""
-    if processes == 1:
-        cmd = LAUNCH + ["--num_processes", "1"]
-        env = environment()
-    else:  # MULTI_CPU with gloo: --multi_gpu plus ACCELERATE_USE_CPU (see DESIGN.md)
-        cmd = LAUNCH + ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
-        env = environment(ACCELERATE_USE_CPU="true")
-    proc = run_launched(cmd + [str(SCRIPT), "--output_dir", str(output_dir), *map(str, flags)], env=env, timeout=540)
+    proc = run_launched(launch_command(processes, SCRIPT, "--output_dir", output_dir, *flags),
+                        env=launch_environment(), timeout=540)
     Path(f"{output_dir}.log").write_text(proc.stdout)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-6000:]}"
     return output_dir
@@ -192,8 +174,8 @@ def test_resume_from_checkpoint_is_exact(finetune, resumed):
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, tiny_sd, labelled_folder):
     flags = finetune_flags(tiny_sd, labelled_folder) + ["--max_train_steps", 100000, "--checkpointing_steps", 100000,
                                                          "--validation_steps", 100000]
-    command = LAUNCH + ["--num_processes", "1", str(SCRIPT), "--output_dir", str(tmp_path), *map(str, flags)]
-    result = interrupt_after_first_step(command, timeout=300, signum=signal.SIGTERM, env=environment())
+    command = launch_command(1, SCRIPT, "--output_dir", tmp_path, *flags)
+    result = interrupt_after_first_step(command, timeout=300, signum=signal.SIGTERM, env=launch_environment())
     assert "SIGTERM received" in result.stdout and result.returncode != 0, result.stdout[-4000:]
     (saved,) = tmp_path.glob("checkpoint-*")
     assert f"Interrupted at step {saved.name.removeprefix('checkpoint-')}:" in result.stdout
@@ -286,7 +268,7 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
         "cache_needs_center_crop": model + ["--train_data_dir", str(labelled_folder), "--cache_latents",
                                             str(tmp_path / "cache")] + base,
     }
-    proc = subprocess.run([sys.executable, "-c", ERRORS_DRIVER, json.dumps(cases)], env=environment(), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", ERRORS_DRIVER, json.dumps(cases)], env=launch_environment(), cwd=REPO,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULTS")[-1])
