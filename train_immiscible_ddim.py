@@ -17,7 +17,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from immiscible_pipeline.data import (ImageTransform, TrainImages, describe_dataset, load_image_dataset,
                                       train_dataloader)
@@ -26,13 +25,12 @@ from immiscible_pipeline.evaluation import TrainingEvaluator
 from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
 from immiscible_pipeline.reference_data import ReferenceSpec
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
-from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
-                                         add_optimizer_arguments, add_output_arguments, check_common_args,
-                                         epoch_plan, make_ema, make_lr_scheduler, resume, setup_accelerator,
-                                         step_logs)
+from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
+                                         add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
+                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
+                                         setup_accelerator)
 from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
-                                          StopOnSignal, register_checkpoint_hooks, sample_images, save_checkpoint,
-                                          tracker_config)
+                                          register_checkpoint_hooks, sample_images, tracker_config)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -200,11 +198,9 @@ def main(args):
         evaluator.prepare(args.resolution, unet_config["in_channels"], accelerator)
 
     # --- training ----------------------------------------------------------------------------------------
-    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    train_loss, interrupted, stop = 0.0, False, StopOnSignal(accelerator)
+    progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
     for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
+        if progress.stopping:
             break  # resumed from the final step's checkpoint: nothing left to train
         train_images.start_epoch(epoch)  # this epoch's shuffle and augmentations
         model.train()
@@ -226,41 +222,22 @@ def main(args):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            train_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
 
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(model.parameters())
-            global_step += 1
-            progress_bar.update(1)
-            logs = step_logs(train_loss, lr_scheduler, immiscible, ema)
-            accelerator.log(logs, step=global_step)
-            progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
-            train_loss = 0.0
-            # Ctrl-C or SIGTERM on any process: checkpoint, then leave (at the last step: just finish)
-            interrupted = stop.requested() and global_step < max_train_steps
-            if global_step % args.checkpointing_steps == 0 or interrupted:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if interrupted:
+            # EMA, step count, logs, progress bar; a checkpoint every --checkpointing_steps or on Ctrl-C / SIGTERM
+            if progress.after_micro_batch(loss, model.parameters()):
+                step = progress.global_step
+                if step % args.validation_steps == 0 and not progress.finished and accelerator.is_main_process:
+                    pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model),
+                                            scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+                    with averaged_weights(model.parameters(), ema):
+                        save_samples(accelerator, args, pipeline, step,
+                                     Path(args.output_dir) / "samples" / f"step-{step:06d}.png")
+                if evaluator is not None and (step % args.eval_steps == 0 or progress.finished):
+                    evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, step)
+            if progress.stopping:
                 break
-            if (global_step % args.validation_steps == 0 and global_step < max_train_steps
-                    and accelerator.is_main_process):
-                pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model),
-                                        scheduler=DDIMScheduler.from_config(noise_scheduler.config))
-                with averaged_weights(model.parameters(), ema):
-                    save_samples(accelerator, args, pipeline, global_step,
-                                 Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
-            if evaluator is not None and (global_step % args.eval_steps == 0 or global_step >= max_train_steps):
-                evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, global_step)
-            if global_step >= max_train_steps:
-                break
-        if interrupted or global_step >= max_train_steps:
-            break
-    progress_bar.close()
-    if interrupted:
-        stop.exit(global_step, args.output_dir)  # its checkpoint is saved; no pipeline from a cut-short run
-    stop.restore()
+    progress.close()  # after Ctrl-C / SIGTERM: exits with status 130 (the checkpoint is saved, no pipeline)
+    global_step = progress.global_step
 
     # --- save ----------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

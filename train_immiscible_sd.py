@@ -21,7 +21,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from immiscible_pipeline.captions import Captioner, PromptedSamples
@@ -31,12 +30,12 @@ from immiscible_pipeline.hub import card_description, immiscible_tags, upload_ou
 from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
 from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
                                              load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
-from immiscible_pipeline.trainer import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
-                                         add_optimizer_arguments, add_output_arguments, check_common_args, epoch_plan,
-                                         make_ema, make_lr_scheduler, resume, setup_accelerator, step_logs)
-from immiscible_pipeline.training import (PREDICTION_TYPES, StopOnSignal, averaged_weights, image_grid, log_images,
-                                          register_checkpoint_hooks, sample_images, save_checkpoint, tracker_config,
-                                          weight_dtype)
+from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
+                                         add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
+                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
+                                         setup_accelerator)
+from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, image_grid, log_images,
+                                          register_checkpoint_hooks, sample_images, tracker_config, weight_dtype)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -272,11 +271,9 @@ def main(args):
                                                    noise_scheduler.config.prediction_type)
 
     # --- training ----------------------------------------------------------------------------------------
-    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    train_loss, interrupted, stop = 0.0, False, StopOnSignal(accelerator)
+    progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
     for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
+        if progress.stopping:
             break  # resumed from the final step's checkpoint: nothing left to train
         train_samples.start_epoch(epoch)  # this epoch's shuffle, flips and prompt choices
         unet.train()
@@ -307,39 +304,21 @@ def main(args):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-            train_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
 
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress_bar.update(1)
-            logs = step_logs(train_loss, lr_scheduler, immiscible, ema)
-            accelerator.log(logs, step=global_step)
-            progress_bar.set_postfix(loss=train_loss, lr=logs["lr"])
-            train_loss = 0.0
-            # Ctrl-C or SIGTERM on any process: checkpoint, then leave (at the last step: just finish)
-            interrupted = stop.requested() and global_step < max_train_steps
-            if global_step % args.checkpointing_steps == 0 or interrupted:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if interrupted:
+            # EMA, step count, logs, progress bar; a checkpoint every --checkpointing_steps or on Ctrl-C / SIGTERM
+            if progress.after_micro_batch(loss, unet.parameters()):
+                step = progress.global_step
+                if (args.validation_prompts and step % args.validation_steps == 0 and not progress.finished
+                        and accelerator.is_main_process):
+                    pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
+                                                         inference_scheduler)
+                    with averaged_weights(unet.parameters(), ema):
+                        save_samples(accelerator, args, pipeline, resolution, step,
+                                     Path(args.output_dir) / "samples" / f"step-{step:06d}.png")
+            if progress.stopping:
                 break
-            if (args.validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps
-                    and accelerator.is_main_process):
-                pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
-                                                     inference_scheduler)
-                with averaged_weights(unet.parameters(), ema):
-                    save_samples(accelerator, args, pipeline, resolution, global_step,
-                                 Path(args.output_dir) / "samples" / f"step-{global_step:06d}.png")
-            if global_step >= max_train_steps:
-                break
-        if interrupted or global_step >= max_train_steps:
-            break
-    progress_bar.close()
-    if interrupted:
-        stop.exit(global_step, args.output_dir)  # its checkpoint is saved; no pipeline from a cut-short run
-    stop.restore()
+    progress.close()  # after Ctrl-C / SIGTERM: exits with status 130 (the checkpoint is saved, no pipeline)
+    global_step = progress.global_step
 
     # --- save ----------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

@@ -9,6 +9,13 @@ groups, the Accelerator set-up, EMA, the step schedule, resuming, and the per-st
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
+    progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
+    for batch in ...:
+        ...one micro-batch: forward, backward, optimizer...
+        if progress.after_micro_batch(loss, model.parameters()):   # EMA, step, logs, bar, checkpoint, Ctrl-C
+            ...validation on progress.global_step...
+        if progress.stopping: break
+    progress.close()                                        # exit 130 if interrupted
 
 The flag names and meanings are diffusers' (train_unconditional.py, train_text_to_image.py) where they exist.
 """
@@ -22,8 +29,8 @@ import os
 import torch
 
 from .hub import check_hub_token, create_hub_repo
-from .training import (check_report_to, check_xformers_available, checkpoint_step, find_checkpoint, resume_position,
-                       updates_per_epoch)
+from .training import (StopOnSignal, check_report_to, check_xformers_available, checkpoint_step, find_checkpoint, resume_position,
+                       save_checkpoint, updates_per_epoch)
 
 logger = logging.getLogger(__name__)
 
@@ -200,3 +207,70 @@ def step_logs(loss: float, lr_scheduler, immiscible, ema=None) -> dict:
     if ema is not None:
         logs["ema_decay"] = ema.cur_decay_value
     return logs
+
+
+class TrainingProgress:
+    """The bookkeeping every trainer does after its micro-batch, so that the scripts' loops differ only in how
+    the loss is made: the loss summed over gradient accumulation, then at each optimisation step the EMA step,
+    the step counter, the logs and progress bar, a checkpoint every --checkpointing_steps or when Ctrl-C /
+    SIGTERM arrives (on every process together), and when to stop.
+
+        progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
+        for batch in batches:
+            ...forward, backward, optimizer step...
+            if progress.after_micro_batch(loss, model.parameters()):
+                ...validation at progress.global_step...
+            if progress.stopping:
+                break
+        progress.close()   # after an interruption: trackers closed, exit status 130
+
+    `after_micro_batch` returns True after an optimisation step that ran to completion (not one cut short by
+    a signal): the moment for validation and evaluation. Call it on every process (it is a collective)."""
+
+    def __init__(self, accelerator, args, lr_scheduler, max_train_steps: int, global_step: int, immiscible,
+                 ema=None):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.args, self.lr_scheduler = accelerator, args, lr_scheduler
+        self.immiscible, self.ema = immiscible, ema
+        self.max_train_steps, self.global_step = max_train_steps, global_step
+        self.train_loss, self.interrupted = 0.0, False
+        self.bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+        self.stop = StopOnSignal(accelerator)
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.max_train_steps
+
+    @property
+    def stopping(self) -> bool:
+        """True once the loop should end: the last step is done, or a signal asked to stop (checkpoint saved)."""
+        return self.interrupted or self.finished
+
+    def after_micro_batch(self, loss: torch.Tensor, parameters) -> bool:
+        accelerator, args = self.accelerator, self.args
+        self.train_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+        if not accelerator.sync_gradients:
+            return False
+        if self.ema is not None:
+            self.ema.step(parameters)
+        self.global_step += 1
+        self.bar.update(1)
+        logs = step_logs(self.train_loss, self.lr_scheduler, self.immiscible, self.ema)
+        accelerator.log(logs, step=self.global_step)
+        self.bar.set_postfix(loss=self.train_loss, lr=logs["lr"])
+        self.train_loss = 0.0
+        # A signal on any process: every process saves this step's checkpoint, then leaves (at the last step:
+        # the run just finishes).
+        self.interrupted = self.stop.requested() and not self.finished
+        if self.global_step % args.checkpointing_steps == 0 or self.interrupted:
+            save_checkpoint(accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit)
+        return not self.interrupted
+
+    def close(self) -> None:
+        """Closes the bar and puts the signal handlers back; after an interruption, ends the process (130)."""
+        self.bar.close()
+        if self.interrupted:
+            self.stop.exit(self.global_step, self.args.output_dir)  # its checkpoint is saved; no pipeline
+        self.stop.restore()

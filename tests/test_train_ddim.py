@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
 
 import immiscible_pipeline.hub as hub
+import immiscible_pipeline.trainer as shared_trainer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
 
@@ -156,7 +157,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
     flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
              "--validation_steps", 2, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
              "--report_to", "none"]
-    calls, real_save = spy_on_noise(trainer, monkeypatch), trainer.save_checkpoint
+    calls, real_save = spy_on_noise(trainer, monkeypatch), shared_trainer.save_checkpoint
 
     def save_then_crash(accelerator, output_dir, step, total_limit=None):
         path = real_save(accelerator, output_dir, step, total_limit)
@@ -164,7 +165,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
             raise Interrupted
         return path
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(shared_trainer, "save_checkpoint", save_then_crash)  # where TrainingProgress calls it
     run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
     assert len(calls) == 8
     assert not torch.equal(calls[0], calls[3])  # epoch 1 is shuffled and augmented anew
