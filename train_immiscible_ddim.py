@@ -26,8 +26,8 @@ from immiscible_pipeline.hub import card_description, immiscible_tags, upload_ou
 from immiscible_pipeline.reference_data import ReferenceSpec
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
-                                         add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
-                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
+                                         add_evaluation_arguments, add_immiscible_arguments, add_optimizer_arguments,
+                                         add_output_arguments, add_pixel_data_arguments, check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
                                          setup_accelerator)
 from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
                                           register_checkpoint_hooks, sample_images, tracker_config)
@@ -46,18 +46,7 @@ DATASET_DEFAULTS = {"unet": CIFAR10_UNET, "train_batch_size": 128, "max_train_st
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data (neither --dataset_name nor --train_data_dir: the bundled MNIST demo)")
-    data.add_argument("--dataset_name", type=str, default=None, help="A dataset on the Hugging Face Hub.")
-    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name.")
-    data.add_argument("--train_data_dir", type=str, default=None,
-                      help="A folder of images (sub-folders are classes), loaded with datasets' imagefolder.")
-    data.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets are downloaded and cached.")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="Training (and sampling) resolution. Default: the UNet config's sample_size.")
-    data.add_argument("--center_crop", action="store_true", help="Centre crop (default: a random crop).")
-    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+    add_pixel_data_arguments(parser)
 
     model = parser.add_argument_group("model and diffusion")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
@@ -99,16 +88,7 @@ def parse_args(input_args=None):
                       help="Save and log a grid of samples every N steps (and at the end).")
     save.add_argument("--num_validation_images", type=int, default=16, help="Images per sample grid.")
 
-    evaluation = parser.add_argument_group("evaluation during training (FID / KID against the training data)")
-    evaluation.add_argument("--eval_steps", type=int, default=None,
-                            help="Compute FID and KID every N steps and at the end (from the EMA weights with --use_ema), "
-                                 "log them as eval/* and append them to <output_dir>/eval_history.jsonl. Default: off.")
-    evaluation.add_argument("--eval_num_samples", type=int, default=2000, help="Generated images per evaluation.")
-    evaluation.add_argument("--eval_feature", type=str, default=None, choices=["classifier", "inception"],
-                            help="Feature network: a small classifier trained on the dataset's labels (default for the "
-                                 "MNIST demo) or the FID InceptionV3 (default for a dataset; comparable with papers).")
-    evaluation.add_argument("--eval_num_reference", type=int, default=10000,
-                            help="Training images whose features are the reference (computed once, cached).")
+    evaluation = add_evaluation_arguments(parser)
     evaluation.add_argument("--eval_inference_steps", type=int, default=None,
                             help="DDIM steps per generated image. Default: --ddim_num_inference_steps.")
 

@@ -55,6 +55,39 @@ def add_immiscible_arguments(parser, sample_name: str = "image"):
     return imm
 
 
+def add_pixel_data_arguments(parser):
+    """The image-data flags of the pixel-space trainers (diffusers' train_unconditional.py names); with neither
+    --dataset_name nor --train_data_dir they train on the bundled MNIST. Returns the group."""
+    data = parser.add_argument_group("data (neither --dataset_name nor --train_data_dir: the bundled MNIST demo)")
+    data.add_argument("--dataset_name", type=str, default=None, help="A dataset on the Hugging Face Hub.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="A folder of images (sub-folders are classes), loaded with datasets' imagefolder.")
+    data.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets are downloaded and cached.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Training (and sampling) resolution. Default: the UNet config's sample_size.")
+    data.add_argument("--center_crop", action="store_true", help="Centre crop (default: a random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+    return data
+
+
+def add_evaluation_arguments(parser):
+    """FID / KID during training (`TrainingEvaluator`); the script adds its sampler-step flag. Returns the group."""
+    evaluation = parser.add_argument_group("evaluation during training (FID / KID against the training data)")
+    evaluation.add_argument("--eval_steps", type=int, default=None,
+                            help="Compute FID and KID every N steps and at the end (from the EMA weights with --use_ema), "
+                                 "log them as eval/* and append them to <output_dir>/eval_history.jsonl. Default: off.")
+    evaluation.add_argument("--eval_num_samples", type=int, default=2000, help="Generated images per evaluation.")
+    evaluation.add_argument("--eval_feature", type=str, default=None, choices=["classifier", "inception"],
+                            help="Feature network: a small classifier trained on the dataset's labels (default for the "
+                                 "MNIST demo) or the FID InceptionV3 (default for a dataset; comparable with papers).")
+    evaluation.add_argument("--eval_num_reference", type=int, default=10000,
+                            help="Training images whose features are the reference (computed once, cached).")
+    return evaluation
+
+
 def add_optimizer_arguments(group, adam_beta1: float = 0.9, adam_weight_decay: float = 1e-2) -> None:
     """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; train_unconditional.py uses
     beta1 0.95 and weight decay 1e-6)."""
