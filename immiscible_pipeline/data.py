@@ -204,6 +204,17 @@ class ImageTransform:
                 int(torch.randint(spare_y + 1, (), generator=generator)))
 
 
+def class_label_names(dataset, column: str, flag: str = "--label_column") -> list[str]:
+    """The class names of a `datasets.ClassLabel` column (an imagefolder's class folders, MNIST's digits);
+    a ValueError naming `flag` if the column is missing or holds something else."""
+    check_column(dataset, column, flag)
+    feature = dataset.features[column]
+    if type(feature).__name__ != "ClassLabel":
+        raise ValueError(f"{flag} {column!r} is a {type(feature).__name__}, not a datasets ClassLabel: class-conditional "
+                         f"training needs class indices with names (an imagefolder with one sub-folder per class, or "
+                         f"dataset.cast_column('{column}', ClassLabel(names=[...])))")
+    return list(feature.names)
+
 def sample_seed(*numbers: int) -> int:
     """A well-mixed 64-bit seed from non-negative integers (e.g. seed, epoch, index)."""
     return int(np.random.SeedSequence([int(n) % 2**32 for n in numbers]).generate_state(1, np.uint64)[0])

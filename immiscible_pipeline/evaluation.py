@@ -205,7 +205,8 @@ class TrainingEvaluator:
         """The test accuracy of the classifier whose features are used (None for other features)."""
         return getattr(self._extractor, "info", {}).get("test_accuracy") if self._extractor is not None else None
 
-    def __call__(self, pipeline, accelerator=None) -> dict:
+    def __call__(self, pipeline, accelerator=None, num_inference_steps: int | None = None) -> dict:
+        """Metrics of `pipeline` sampled with `num_inference_steps` (default: the evaluator's)."""
         is_main = accelerator is None or accelerator.is_main_process
         channels, height, _ = pipeline_image_shape(pipeline)
         if self._prepared_for != (height, channels):
@@ -213,7 +214,8 @@ class TrainingEvaluator:
         with torch.random.fork_rng(devices=[]):
             details = evaluate_pipeline(
                 pipeline, self.reference, self.num_samples, feature=self.feature, num_reference=self.num_reference,
-                batch_size=self.batch_size, seed=self.seed, num_inference_steps=self.num_inference_steps, eta=self.eta,
+                batch_size=self.batch_size, seed=self.seed, eta=self.eta,
+                num_inference_steps=num_inference_steps or self.num_inference_steps,
                 accelerator=accelerator, cache_dir=self.cache_dir, kid_subsets=self.kid_subsets,
                 kid_subset_size=self.kid_subset_size, extractor=self._extractor,
                 reference_feats=self._reference_feats if is_main else None, progress=self.progress)

@@ -311,11 +311,12 @@ def tracker_config(values: dict) -> dict:
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in values.items()}
 
 
-def image_grid(images: list[Image.Image], min_cell: int = 64) -> Image.Image:
-    """A near-square grid of equal-size images, enlarged (nearest neighbour) so a cell is at least `min_cell` px."""
+def image_grid(images: list[Image.Image], min_cell: int = 64, cols: int | None = None) -> Image.Image:
+    """A grid of equal-size images (near-square unless `cols` is given), enlarged (nearest neighbour) so a cell
+    is at least `min_cell` px."""
     from diffusers.utils import make_image_grid
 
-    cols = math.ceil(math.sqrt(len(images)))
+    cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     images = images + [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
     grid = make_image_grid(images, rows=rows, cols=cols)

@@ -1,0 +1,222 @@
+"""train_immiscible_cm.py end to end: launched runs (1 and 2 processes) and in-process runs with spies."""
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, DiffusionPipeline
+from safetensors.torch import load_file
+
+from launching import launch_command, launch_environment, run_launched
+from trainer_spies import load_script, run_in_process, spy_on_noise
+
+import immiscible_pipeline.hub as hub
+from immiscible_pipeline.consistency import denoise
+
+SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_cm.py"
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return load_script(SCRIPT)
+
+
+@pytest.fixture
+def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
+    """A tiny run: the 12 images of the shared folder at 8 px, batch 4, 4-image sample grids."""
+    def make(output_dir, *extra):
+        return ["--train_data_dir", str(tiny_imagefolder), "--model_config_name_or_path", str(tiny_unet_config_path),
+                "--output_dir", str(output_dir), "--cache_dir", str(tmp_path / "datasets-cache"),
+                "--train_batch_size", "4", "--num_validation_images", "4", "--seed", "0", *map(str, extra)]
+    return make
+
+
+def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
+    result = run_launched(launch_command(processes, SCRIPT, *argv), env=launch_environment(), timeout=600)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
+    return result
+
+
+def scalars(output_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (Path(output_dir) / "logs" / "train_immiscible_cm").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    values = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    values["images"] = sorted(events.Tags()["images"])
+    return values
+
+
+def summary(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "training_config.json").read_text())
+
+
+def checkpoints(output_dir) -> list:
+    return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
+
+
+# --- launched runs ---------------------------------------------------------------------------------------
+
+def test_launched_run_saves_a_consistency_pipeline_that_plain_diffusers_samples(tmp_path, tiny_args):
+    output = tmp_path / "run"
+    launch(tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                     "--validation_steps", 3, "--random_flip"))
+    assert checkpoints(output) == ["checkpoint-4"]
+    assert {"unet", "unet_ema", "optimizer.bin", "random_states_0.pkl"} <= {
+        path.name for path in (output / "checkpoint-4").iterdir()}
+    assert (output / "samples" / "step-000003.png").is_file()
+    pipeline = DiffusionPipeline.from_pretrained(output)
+    assert isinstance(pipeline, ConsistencyModelPipeline)
+    assert isinstance(pipeline.scheduler, CMStochasticIterativeScheduler)
+    assert (pipeline.scheduler.config.sigma_min, pipeline.scheduler.config.sigma_max) == (0.002, 80.0)
+    for steps in (1, 2):
+        images = pipeline(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images
+        assert [image.size for image in images] == [(8, 8), (8, 8)]
+    # samples.png: the 2 x 2 one-step samples above the 2 x 2 two-step samples of the same noise (64 px cells).
+    from PIL import Image
+
+    assert Image.open(output / "samples.png").size == (2 * 64, 4 * 64)
+    assert summary(output)["global_step"] == 4 and summary(output)["final_num_levels"] == 10 * 2**3 + 1  # one stage a step
+    logged = scalars(output)
+    assert logged["immiscible/batch_size"] == 4 and {"loss", "lr", "ema_decay"} <= set(logged)
+    assert logged["images"] == ["samples_1_step", "samples_2_step"]
+
+
+def test_two_processes_assign_over_the_global_batch_and_evaluate_one_and_two_step_fid(tmp_path, tiny_args,
+                                                                                       monkeypatch):
+    output = tmp_path / "run"
+    monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
+    launch(tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
+                     "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
+                     "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6), processes=2)
+    assert summary(output)["num_processes"] == 2 and summary(output)["total_batch_size"] == 6
+    logged = scalars(output)
+    assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6
+    history = [json.loads(line) for line in (output / "eval_history.jsonl").read_text().splitlines()]
+    assert [(record["step"], record["num_inference_steps"]) for record in history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(record["fid"] > 0 for record in history)
+    assert logged["eval/2_step/fid"] == pytest.approx(history[-1]["fid"], rel=1e-5)
+
+
+# --- in-process runs -------------------------------------------------------------------------------------
+
+def test_ctrl_c_checkpoints_and_the_resumed_run_is_exact_and_samples_like_the_training_denoiser(
+        trainer, tmp_path, tiny_args, monkeypatch):
+    # 12 images, batch 4, accumulation 2: updates of [b0 b1] [b2] per epoch. Ctrl-C arrives during step 3's
+    # first micro-batch; dropout makes the exact resume depend on the RNG being restored too.
+    flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 100,
+             "--validation_steps", 100, "--dropout", 0.2, "--random_flip", "--lr_warmup_steps", 2,
+             "--learning_rate", 1e-3, "--report_to", "none", "--immiscible", "knn"]
+    interrupt_on_call = set()
+    calls = spy_on_noise(trainer, monkeypatch, interrupt_on_call)
+    run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
+    assert len(calls) == 8
+    calls.clear()
+    interrupt_on_call.add(4)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags))
+    assert stopped.value.code == 130 and len(calls) == 5  # step 3 was finished, then nothing more
+    assert checkpoints(tmp_path / "interrupted") == ["checkpoint-3"]
+    assert not (tmp_path / "interrupted" / "model_index.json").exists()
+    assert signal.getsignal(signal.SIGINT) is previous_handler
+
+    calls.clear()
+    interrupt_on_call.clear()
+    run_in_process(trainer, tiny_args(tmp_path / "interrupted", *flags, "--resume_from_checkpoint", "latest"))
+    assert len(calls) == 3
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "interrupted" / weights)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+    # The stock pipeline's one-step sample is the training code's denoiser at sigma_max on the same noise.
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "straight")
+    pipeline.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    images = pipeline(batch_size=3, num_inference_steps=1, latents=noise.clone(), output_type="np").images
+    with torch.no_grad():
+        trained = denoise(pipeline.unet, noise * 80.0, torch.full((3,), 80.0), pipeline.scheduler).clamp(-1, 1)
+    assert torch.allclose(torch.from_numpy(images).permute(0, 3, 1, 2), trained / 2 + 0.5, atol=1e-5)
+    assert trained.std() > 0.01  # a trained (non-constant) output, so the comparison means something
+
+
+def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer, tmp_path, tiny_args, monkeypatch):
+    output = tmp_path / "run"
+    groups_seen = []
+    real_build = trainer.build_immiscible
+
+    def recording_build(*args, **kwargs):
+        imm = real_build(*args, **kwargs)
+
+        class Recorder:
+            last_stats = property(lambda self: imm.last_stats)
+
+            def __call__(self, x0, groups=None):
+                groups_seen.append(groups.clone())
+                return imm(x0, groups=groups)
+        return Recorder()
+
+    monkeypatch.setattr(trainer, "build_immiscible", recording_build)
+    monkeypatch.setattr(hub, "create_repo", lambda **kwargs: type("Repo", (), {"repo_id": "me/tiny-cm"})())
+    uploaded = []
+    monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploaded.append(kwargs))
+    run_in_process(trainer, tiny_args(output, "--max_train_steps", 2, "--class_conditional", "--report_to", "none",
+                                      "--loss", "l2", "--push_to_hub", "--hub_token", "tok",
+                                      "--gradient_checkpointing", "--center_crop"))
+    assert len(groups_seen) == 2 and all(set(groups.tolist()) <= {0, 1} for groups in groups_seen)
+    pipeline = DiffusionPipeline.from_pretrained(output)
+    assert pipeline.unet.config.num_class_embeds == 2 and summary(output)["class_names"] == ["class_0", "class_1"]
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    by_class = [pipeline(batch_size=1, num_inference_steps=1, latents=noise.clone(), class_labels=[label],
+                         output_type="np").images for label in (0, 1)]
+    assert not (by_class[0] == by_class[1]).all()  # the class embedding is used
+    card = (output / "README.md").read_text()
+    for text in ("- immiscible-diffusion", "- consistency-models", "| class-conditional | True |", "| loss | l2 |",
+                 "| noise levels | 10 -> 1280 |", "num_inference_steps=2, class_labels=[0] * 16"):
+        assert text in card, text
+    assert uploaded and uploaded[0]["repo_id"] == "me/tiny-cm"
+
+
+# --- flags and errors ------------------------------------------------------------------------------------
+
+def test_defaults_follow_ict_with_a_dataset_and_fit_a_cpu_without(trainer, tiny_imagefolder):
+    demo = trainer.parse_args([])
+    assert demo.bundled_demo and demo.dropout == 0.0 and demo.train_batch_size == 64 and demo.use_ema
+    dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
+    assert (dataset.dropout, dataset.learning_rate, dataset.max_train_steps) == (0.3, 1e-4, None)
+    recipe = dataset.recipe
+    assert (recipe.sigma_min, recipe.sigma_max, recipe.sigma_data, recipe.rho) == (0.002, 80.0, 0.5, 7.0)
+    assert (recipe.curriculum_start, recipe.curriculum_end, recipe.p_mean, recipe.p_std) == (10, 1280, -1.1, 2.0)
+    assert recipe.loss == "pseudo_huber" and dataset.immiscible_k == 4 and dataset.eval_inference_steps == [1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dropout", "1.0"], r"--dropout must be in \[0, 1\)"),
+    (["--sigma_min", "0"], "need 0 < --sigma_min < --sigma_max"),
+    (["--curriculum_start", "0"], "--curriculum_start must be at least 1"),
+    (["--curriculum_start", "100", "--curriculum_end", "50"], "--curriculum_start <= --curriculum_end"),
+    (["--eval_inference_steps", "1", "0"], "--eval_inference_steps must be at least 1"),
+    (["--eval_num_samples", "1"], "--eval_num_samples must be at least 2"),
+    (["--enable_xformers_memory_efficient_attention"], "needs the xformers package"),
+    (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),
+])
+def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
+    with pytest.raises(ValueError, match=message):
+        trainer.parse_args(argv)
+
+
+@pytest.mark.parametrize("case", ["label_missing", "label_not_classes", "image_column", "resolution"])
+def test_data_errors_name_the_culprit(trainer, tmp_path, tiny_args, case):
+    argv = tiny_args(tmp_path / "run", "--max_train_steps", 1, "--report_to", "none")
+    argv, message = {
+        "label_missing": (argv + ["--class_conditional", "--label_column", "kind"], "--label_column 'kind' is not a column"),
+        "label_not_classes": (argv + ["--class_conditional", "--label_column", "image"], "not a datasets ClassLabel"),
+        "image_column": (argv + ["--image_column", "img"], "--image_column 'img' is not a column"),
+        "resolution": (argv + ["--resolution", "7"], "--resolution 7 does not fit the UNet"),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        run_in_process(trainer, argv)

@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Consistency training from scratch with Immiscible Diffusion, saved as a ConsistencyModelPipeline.
+
+    accelerate launch train_immiscible_cm.py                                     # bundled MNIST demo, offline
+    accelerate launch train_immiscible_cm.py --dataset_name cifar10 --image_column img --resolution 32
+
+Improved consistency training (Song & Dhariwal 2023): no teacher; the target is the online network under
+stop-gradient; pseudo-Huber loss; a curriculum doubling the noise levels from 10 to 1280; log-normal levels.
+The parameterisation is that of diffusers' CMStochasticIterativeScheduler, so the stock pipeline samples the
+trained model in one or two steps. The one change to the loop: each micro-batch's noise is drawn and assigned
+to its images (`noise = immiscible(clean_images)`), and that one noise makes both noisy inputs,
+`x + sigma_{n+1} z` and `x + sigma_n z`. The flags are train_immiscible_ddim.py's where they mean the same.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import ConsistencyModelPipeline, UNet2DModel
+
+from immiscible_pipeline.consistency import LOSSES, ConsistencyRecipe, consistency_loss
+from immiscible_pipeline.data import (ImageTransform, TrainImages, class_label_names, describe_dataset,
+                                      load_image_dataset, train_dataloader)
+from immiscible_pipeline.distributed import build_immiscible
+from immiscible_pipeline.evaluation import TrainingEvaluator
+from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
+from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
+from immiscible_pipeline.reference_data import ReferenceSpec
+from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
+                                         add_evaluation_arguments, add_immiscible_arguments, add_optimizer_arguments,
+                                         add_output_arguments, add_pixel_data_arguments, check_common_args,
+                                         epoch_plan, make_ema, make_lr_scheduler, resume, setup_accelerator)
+from immiscible_pipeline.training import (averaged_weights, image_grid, log_images, register_checkpoint_hooks,
+                                          sample_images, tracker_config)
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Flags left unset take these values: with no dataset flag, a demo on the bundled MNIST at 16 px sized for a
+# CPU; with a dataset, the DDPM CIFAR-10 UNet with iCT's CIFAR-10 dropout (0.3) and learning rate (1e-4).
+# The demo's small UNet trains without dropout: in a few thousand steps it underfits rather than overfits.
+DEMO_DEFAULTS = {"unet": MNIST_UNET, "train_batch_size": 64, "max_train_steps": 1500, "learning_rate": 1e-3,
+                 "lr_warmup_steps": 100, "dropout": 0.0}
+DATASET_DEFAULTS = {"unet": CIFAR10_UNET, "train_batch_size": 128, "max_train_steps": None, "learning_rate": 1e-4,
+                    "lr_warmup_steps": 500, "dropout": 0.3}
+GRID_STEPS = (1, 2)  # samples.png: one-step and two-step samples of the same noise
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = add_pixel_data_arguments(parser)
+    data.add_argument("--class_conditional", action="store_true",
+                      help="Condition on a ClassLabel column (--label_column): a class embedding in the UNet, "
+                           "noise assigned within each class, `class_labels=` at sampling.")
+    data.add_argument("--label_column", type=str, default="label", help="The ClassLabel column for --class_conditional.")
+
+    model = parser.add_argument_group("model and consistency training (defaults: improved consistency training)")
+    model.add_argument("--model_config_name_or_path", type=str, default=None,
+                       help="A UNet2DModel config (folder, json file or Hub id). Default: a small 16 px grey UNet "
+                            "for the MNIST demo, the DDPM CIFAR-10 UNet (32 px RGB) for a dataset.")
+    model.add_argument("--dropout", type=float, default=None,
+                       help="UNet dropout. Default: 0.3 with a dataset (iCT on CIFAR-10), 0 for the MNIST demo.")
+    defaults = ConsistencyRecipe()
+    model.add_argument("--sigma_min", type=float, default=defaults.sigma_min, help="Smallest noise level.")
+    model.add_argument("--sigma_max", type=float, default=defaults.sigma_max, help="Largest noise level.")
+    model.add_argument("--sigma_data", type=float, default=defaults.sigma_data, help="Data standard deviation.")
+    model.add_argument("--rho", type=float, default=defaults.rho, help="Karras schedule exponent.")
+    model.add_argument("--curriculum_start", type=int, default=defaults.curriculum_start,
+                       help="Noise levels at the start of training (doubled over training up to --curriculum_end).")
+    model.add_argument("--curriculum_end", type=int, default=defaults.curriculum_end,
+                       help="Noise levels at the end of training.")
+    model.add_argument("--p_mean", type=float, default=defaults.p_mean, help="Log-normal level distribution: mean.")
+    model.add_argument("--p_std", type=float, default=defaults.p_std, help="Log-normal level distribution: std.")
+    model.add_argument("--loss", type=str, default=defaults.loss, choices=LOSSES,
+                       help="Distance between the online and target outputs.")
+    model.add_argument("--huber_c", type=float, default=None,
+                       help="Pseudo-Huber constant. Default: 0.00054 * sqrt(values per image), as in iCT.")
+
+    add_immiscible_arguments(parser).set_defaults(immiscible_k=4)  # the follow-up paper's k for CM
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="immiscible-cm")
+    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
+    train.add_argument("--train_batch_size", type=int, default=None,
+                       help="Batch size per process. Default: 64 for the MNIST demo, 128 for a dataset.")
+    train.add_argument("--num_epochs", type=int, default=100)
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimisation steps (the curriculum spans them); overrides --num_epochs. "
+                            "Default: 1500 for the MNIST demo.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    train.add_argument("--learning_rate", type=float, default=None,
+                       help="Peak learning rate. Default: 1e-3 for the MNIST demo, 1e-4 (iCT) for a dataset.")
+    train.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS)
+    train.add_argument("--lr_warmup_steps", type=int, default=None,
+                       help="Warm-up steps. Default: 100 for the MNIST demo, 500 for a dataset.")
+    add_optimizer_arguments(train, adam_weight_decay=0.0)  # iCT: Adam without weight decay
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: the value of `accelerate config` / `accelerate launch`.")
+    train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="Keep an EMA of the weights (with warm-up) for sampling and saving (iCT samples the EMA).")
+    add_ema_warmup_arguments(train)
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+
+    save = add_output_arguments(parser)
+    save.add_argument("--validation_steps", type=int, default=500,
+                      help="Save and log one- and two-step sample grids every N steps (and at the end).")
+    save.add_argument("--num_validation_images", type=int, default=16, help="Images per sample grid.")
+
+    evaluation = add_evaluation_arguments(parser)
+    evaluation.add_argument("--eval_inference_steps", type=int, nargs="+", default=[1, 2],
+                            help="Sampler steps of each evaluation (one FID per entry).")
+
+    args = parser.parse_args(input_args)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Everything that can be checked before any data or model is loaded; fills the defaults left unset."""
+    check_common_args(args, ("num_epochs", "validation_steps", "num_validation_images", "resolution", "eval_steps",
+                             "eval_num_reference", "curriculum_start"))
+    if args.eval_num_samples < 2:
+        raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}")
+    if any(steps < 1 for steps in args.eval_inference_steps):
+        raise ValueError(f"--eval_inference_steps must be at least 1, got {args.eval_inference_steps}")
+    args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
+    for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
+        if flag != "unet" and getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    args.recipe = ConsistencyRecipe(args.sigma_min, args.sigma_max, args.sigma_data, args.rho, args.curriculum_start,
+                                    args.curriculum_end, args.p_mean, args.p_std, args.loss, args.huber_c)
+    args.eval_feature = args.eval_feature or ("classifier" if args.bundled_demo else "inception")
+
+
+def main(args):
+    # --- setup -------------------------------------------------------------------------------------------
+    accelerator, repo_id = setup_accelerator(args)  # also: the same seed everywhere, output dir, Hub repo
+
+    defaults = DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS
+    unet_config = load_unet_config(args.model_config_name_or_path, defaults["unet"], args.resolution)
+    unet_config["dropout"] = args.dropout
+    args.resolution = unet_config["sample_size"]
+    dataset_description = describe_dataset(args.dataset_name, args.train_data_dir)
+    if args.bundled_demo:
+        logger.info(f"No --dataset_name or --train_data_dir: training on {dataset_description}, 50,000 digits at "
+                    f"{args.resolution} px with a small UNet for {args.max_train_steps} steps, a demo that needs no "
+                    "download and finishes in minutes on a CPU. Pass --dataset_name or --train_data_dir to train "
+                    "on your own images.")
+    else:
+        logger.info(f"Training on {dataset_description} at {args.resolution} px.")
+
+    with accelerator.main_process_first():  # one process downloads and caches, the others then read the cache
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    class_names = None
+    if args.class_conditional:
+        class_names = class_label_names(dataset, args.label_column)
+        unet_config["num_class_embeds"] = len(class_names)
+    transform = ImageTransform(args.resolution, unet_config["in_channels"], args.center_crop, args.random_flip)
+    data_seed = args.seed if args.seed is not None else 0  # the same shuffle on every process
+    train_images = TrainImages(dataset, args.image_column, transform, seed=data_seed,
+                               keep_columns=[args.label_column] if args.class_conditional else ())
+    loader = train_dataloader(train_images, args.train_batch_size, args.dataloader_num_workers)
+
+    model = UNet2DModel.from_config(unet_config)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    ema = make_ema(model, args, accelerator.device)
+    register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
+
+    recipe = args.recipe
+    scheduler = recipe.scheduler()  # training uses its scalings, so the saved pipeline samples what was trained
+    immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
+                                  args.assignment_scope, accelerator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_epochs)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
+
+    run_config = {key: value for key, value in vars(args).items() if key not in ("hub_token", "recipe")}
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_immiscible_cm", config=tracker_config(
+            {**run_config, "num_processes": accelerator.num_processes}))
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"{len(dataset)} images, {accelerator.num_processes} process(es), batch {args.train_batch_size} per "
+                f"process, total batch {total_batch_size}, {max_train_steps} optimisation steps ({num_epochs} epochs); "
+                f"noise levels {recipe.num_levels(0, max_train_steps)} -> "
+                f"{recipe.num_levels(max_train_steps - 1, max_train_steps)}; noise assignment: {immiscible!r}, "
+                f"scope {args.assignment_scope}{', within each class' if args.class_conditional else ''}")
+
+    if args.seed is not None:
+        set_seed(args.seed, device_specific=True)  # from here on, different noise and levels on each process
+    # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
+    global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
+
+    evaluator = None
+    if args.eval_steps is not None:
+        reference = ReferenceSpec() if args.bundled_demo else ReferenceSpec(
+            args.dataset_name or args.train_data_dir, config_name=args.dataset_config_name, image_column=args.image_column)
+        evaluator = TrainingEvaluator(reference, args.eval_num_samples, args.eval_feature, args.eval_inference_steps[0],
+                                      batch_size=args.train_batch_size, seed=args.seed or 0,
+                                      num_reference=args.eval_num_reference, progress=True)
+        # Pays for the feature network (training the classifier if it is not cached) before the first step.
+        evaluator.prepare(args.resolution, unet_config["in_channels"], accelerator)
+
+    # --- training ----------------------------------------------------------------------------------------
+    progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
+    for epoch in range(first_epoch, num_epochs):
+        if progress.stopping:
+            break  # resumed from the final step's checkpoint: nothing left to train
+        train_images.start_epoch(epoch)  # this epoch's shuffle and augmentations
+        model.train()
+        batches = loader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(loader, resume_batches)  # seen before the checkpoint
+        for batch in batches:
+            clean_images = batch["pixel_values"]
+            class_labels = batch[args.label_column] if args.class_conditional else None
+            with accelerator.accumulate(model):
+                # Immiscible Diffusion: fresh noise assigned to these images (within each class if conditional)
+                noise = immiscible(clean_images, groups=class_labels)
+                # Adjacent levels (sigma_n, sigma_{n+1}) of the curriculum's current discretisation, per image
+                sigma_low, sigma_high = recipe.sample_sigmas(clean_images.shape[0], progress.global_step,
+                                                             max_train_steps, clean_images.device)
+                # f(x + sigma_{n+1} z) against stop-gradient f(x + sigma_n z), with the same z
+                loss = consistency_loss(model, clean_images, noise, sigma_low, sigma_high, scheduler, recipe,
+                                        class_labels, target_model=accelerator.unwrap_model(model))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            # EMA, step count, logs, progress bar; a checkpoint every --checkpointing_steps or on Ctrl-C / SIGTERM
+            if progress.after_micro_batch(loss, model.parameters()):
+                step = progress.global_step
+                if step % args.validation_steps == 0 and not progress.finished and accelerator.is_main_process:
+                    pipeline = ConsistencyModelPipeline(unet=accelerator.unwrap_model(model), scheduler=scheduler)
+                    with averaged_weights(model.parameters(), ema):
+                        save_samples(accelerator, args, pipeline, class_names, step,
+                                     Path(args.output_dir) / "samples" / f"step-{step:06d}.png")
+                if evaluator is not None and (step % args.eval_steps == 0 or progress.finished):
+                    evaluate(accelerator, args, evaluator, model, ema, scheduler, step)
+            if progress.stopping:
+                break
+    progress.close()  # after Ctrl-C / SIGTERM: exits with status 130 (the checkpoint is saved, no pipeline)
+    global_step = progress.global_step
+
+    # --- save ----------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
+        pipeline = ConsistencyModelPipeline(unet=unet, scheduler=recipe.scheduler())
+        pipeline.save_pretrained(args.output_dir)
+        save_samples(accelerator, args, pipeline, class_names, global_step, Path(args.output_dir) / "samples.png")
+        summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
+                   "mixed_precision": accelerator.mixed_precision, "global_step": global_step,
+                   "dataset": dataset_description, "num_images": len(dataset), "class_names": class_names,
+                   "final_num_levels": recipe.num_levels(max(global_step - 1, 0), max_train_steps)}
+        (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"Saved the ConsistencyModelPipeline and one- and two-step samples to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args, repo_id, summary)
+    accelerator.end_training()
+
+
+def evaluate(accelerator, args, evaluator, model, ema, scheduler, step):
+    """FID / KID of the current (EMA) weights at each of --eval_inference_steps; every process samples its
+    share. Logged as eval/<n>_step/* and appended to eval_history.jsonl (one line per sampler step count)."""
+    pipeline = ConsistencyModelPipeline(unet=accelerator.unwrap_model(model), scheduler=scheduler)
+    for num_steps in args.eval_inference_steps:
+        with averaged_weights(model.parameters(), ema):
+            metrics = evaluator(pipeline, accelerator, num_inference_steps=num_steps)
+        accelerator.log({f"eval/{num_steps}_step/{name}": value for name, value in metrics.items()}, step=step)
+        if accelerator.is_main_process:
+            record = {"step": step, "num_inference_steps": num_steps, **metrics,
+                      "num_samples": args.eval_num_samples, "feature": args.eval_feature,
+                      "classifier_test_accuracy": evaluator.classifier_test_accuracy}
+            with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
+                history.write(json.dumps(record) + "\n")
+            logger.info(f"step {step}, {num_steps}-step sampling: FID {metrics['fid']:.3f}, "
+                        f"KID {metrics['kid_mean']:.5f} ({args.eval_feature} features)")
+
+
+def save_samples(accelerator, args, pipeline, class_names, step, path):
+    """One-step samples above two-step samples of the same noises (a fixed seed, comparable across steps);
+    saved as one grid and logged per step count. Class-conditional: the classes in turn."""
+    count = args.num_validation_images
+    labels = None
+    if class_names is not None:
+        labels = torch.arange(count, device=accelerator.device) % len(class_names)
+    grids = []
+    for num_steps in GRID_STEPS:
+        images = sample_images(pipeline, seed=args.seed or 0, batch_size=count, num_inference_steps=num_steps,
+                               class_labels=labels)
+        log_images(accelerator, f"samples_{num_steps}_step", images, step)
+        grids.extend(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(grids, cols=int(count**0.5) if int(count**0.5) ** 2 == count else count).save(path)
+
+
+def push_to_hub(args, repo_id, summary):
+    settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
+                "assignment scope": args.assignment_scope, "assignment cost dtype": args.assignment_cost_dtype,
+                "dataset": summary["dataset"], "resolution": args.resolution,
+                "class-conditional": bool(args.class_conditional),
+                "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
+                "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
+                "loss": args.loss, "noise levels": f"{args.curriculum_start} -> {args.curriculum_end}",
+                "sigma range": f"[{args.sigma_min}, {args.sigma_max}]", "dropout": args.dropout,
+                "mixed precision": summary["mixed_precision"]}
+    labels = ", class_labels=[0] * 16" if args.class_conditional else ""
+    description = card_description(
+        title=f"Immiscible consistency model: {repo_id}",
+        summary=(f"A consistency model trained from scratch by improved consistency training with Immiscible "
+                 f"Diffusion ({args.immiscible} noise assignment, arXiv 2406.12303) using `train_immiscible_cm.py` "
+                 "from immiscible-diffusers. It samples in one step, or better in two."),
+        settings=settings, image="samples.png",
+        usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
+               f"one_step = pipeline(batch_size=16, num_inference_steps=1{labels}).images\n"
+               f"two_step = pipeline(batch_size=16, num_inference_steps=2{labels}).images"))
+    tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "consistency-models",
+                                               f"scope-{args.assignment_scope}"]
+    write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)
+    upload_output_folder(args.output_dir, repo_id, args.hub_token)
+
+
+if __name__ == "__main__":
+    main(parse_args())
