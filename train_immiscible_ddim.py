@@ -4,9 +4,10 @@
     accelerate launch train_immiscible_ddim.py                                   # bundled MNIST demo, offline
     accelerate launch train_immiscible_ddim.py --dataset_name cifar10 --image_column img --resolution 32
 
-Like diffusers' examples/unconditional_image_generation/train_unconditional.py (same flag names), plus the
-immiscible flags. The one change to the usual loop: each micro-batch's noise is drawn and assigned to its
-images (`noise = immiscible(clean_images)`) before `add_noise`, and that assigned noise is the loss target.
+Like diffusers' examples/unconditional_image_generation/train_unconditional.py (its command lines work: same
+flag names, aliases, or an error saying what to use instead), plus the immiscible flags. The one change to the
+usual loop: each micro-batch's noise is drawn and assigned to its images (`noise = immiscible(clean_images)`)
+before `add_noise`, and that assigned noise is the loss target.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from immiscible_pipeline.data import (ImageTransform, TrainImages, describe_dataset, load_image_dataset,
                                       train_dataloader)
+from immiscible_pipeline.diffusers_flags import UNCONDITIONAL_FLAGS, add_diffusers_flags, steps_from_epoch_flags
 from immiscible_pipeline.distributed import build_immiscible
 from immiscible_pipeline.evaluation import TrainingEvaluator
 from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
@@ -91,6 +93,7 @@ def parse_args(input_args=None):
     evaluation = add_evaluation_arguments(parser)
     evaluation.add_argument("--eval_inference_steps", type=int, default=None,
                             help="DDIM steps per generated image. Default: --ddim_num_inference_steps.")
+    add_diffusers_flags(parser, UNCONDITIONAL_FLAGS)  # train_unconditional.py's command lines work too
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -152,6 +155,7 @@ def main(args):
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_epochs)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
+    steps_from_epoch_flags(args, num_update_steps)  # diffusers' --save_images_epochs
 
     run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
     if accelerator.is_main_process:

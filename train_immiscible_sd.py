@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Latent Stable Diffusion training with Immiscible Diffusion: class-conditional (or captioned), from scratch or
-fine-tuned, saved as a StableDiffusionPipeline.
+"""Latent Stable Diffusion training with Immiscible Diffusion: class-conditional (or captioned), from scratch,
+fine-tuned, or a LoRA; saved as a StableDiffusionPipeline (or, with --rank, as LoRA weights for the base model).
 
     accelerate launch train_immiscible_sd.py --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
         --dataset_name ILSVRC/imagenet-1k --caption_column label --prompt_template "a photo of a {}" \\
         --resolution 256 --center_crop --random_flip --from_scratch --immiscible linear
+    accelerate launch train_immiscible_sd.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 --rank 4 \\
+        --train_data_dir my_dog/ --instance_prompt "a photo of sks dog" --train_batch_size 2 \\
+        --immiscible knn --immiscible_k 4
 
-Like diffusers' examples/text_to_image/train_text_to_image.py (same flag names), plus the immiscible flags,
+Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py (their command
+lines work: same flag names, aliases, or an error saying what to use instead), plus the immiscible flags,
 prompts made from class names, and a latent cache. The one change to the usual loop: the noise of each
 micro-batch is drawn and assigned to its scaled VAE latents (`noise = immiscible(latents)`) before noise
 offset, input perturbation and `add_noise`, and that assigned noise is what the loss targets.
@@ -23,13 +28,18 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from immiscible_pipeline.captions import Captioner, PromptedSamples
+from immiscible_pipeline.captions import Captioner, PromptedSamples, prompt_column
 from immiscible_pipeline.data import TrainImages, describe_dataset, load_image_dataset, train_dataloader
+from immiscible_pipeline.diffusers_flags import TEXT_TO_IMAGE_FLAGS, add_diffusers_flags, steps_from_epoch_flags
 from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
+from immiscible_pipeline.hub import (card_description, immiscible_tags, lora_usage, upload_output_folder,
+                                     write_model_card)
 from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
-from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
-                                             load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
+from immiscible_pipeline.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
+                                      save_unet_lora)
+from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, assignment_batch_warning,
+                                             check_pretrained_model, load_inference_scheduler, min_snr_loss,
+                                             stable_diffusion_pipeline)
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
                                          add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
                                          check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
@@ -51,6 +61,10 @@ def parse_args(input_args=None):
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
     model.add_argument("--from_scratch", action="store_true",
                        help="Initialise the UNet randomly from the pretrained UNet's config instead of fine-tuning it.")
+    model.add_argument("--rank", type=int, default=0,
+                       help="Train a LoRA of this rank (alpha = rank) on the UNet's attention projections instead of "
+                            "the whole UNet, saved as pytorch_lora_weights.safetensors for the base model's "
+                            "load_lora_weights. 0 (default; diffusers' LoRA script: 4): fine-tune the whole UNet.")
     model.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                        help="What the UNet predicts. Default: the pretrained scheduler's prediction_type. The saved "
                             "pipeline's scheduler is set to it.")
@@ -69,9 +83,14 @@ def parse_args(input_args=None):
                       help="A folder of images; class sub-folders become a `label` column (datasets' imagefolder). "
                            "Neither this nor --dataset_name: the bundled offline MNIST.")
     data.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images.")
-    data.add_argument("--caption_column", type=str, default="label",
+    data.add_argument("--caption_column", type=str, default=None,
                       help="Column giving the prompts: a ClassLabel column (prompt from --prompt_template and the "
-                           "dataset's class names) or a text column (a caption or a list of captions per row).")
+                           "dataset's class names) or a text column (a caption or a list of captions per row). "
+                           "Default: `text` as in diffusers, or else the dataset's class labels (an image folder's "
+                           "class sub-folders).")
+    data.add_argument("--instance_prompt", type=str, default=None,
+                      help='One prompt for every image (e.g. "a photo of sks dog"), for a folder of images of one '
+                           "thing without captions.")
     data.add_argument("--prompt_template", type=str, default="a photo of a {}",
                       help="Prompt for a class-label column; {} is replaced by the class name.")
     data.add_argument("--class_name_synonyms", type=str, default="first", choices=["first", "random", "all"],
@@ -134,9 +153,12 @@ def parse_args(input_args=None):
     save.add_argument("--validation_prompts", type=str, nargs="+", default=None,
                       help="Prompts sampled every --validation_steps and at the end (saved and logged).")
     save.add_argument("--validation_steps", type=int, default=500, help="Sample the validation prompts every N steps.")
+    save.add_argument("--num_validation_images", type=int, default=1,
+                      help="Images per validation prompt (0: no validation images).")
     save.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps for validation.")
     save.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     save.add_argument("--tracker_project_name", type=str, default="train_immiscible_sd")
+    add_diffusers_flags(parser, TEXT_TO_IMAGE_FLAGS)
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -148,6 +170,15 @@ def check_args(args):
     check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
     check_common_args(args, ("num_train_epochs", "validation_steps", "validation_inference_steps", "resolution",
                              "max_train_samples", "cache_latents_chunk_size"))
+    if args.rank < 0 or args.num_validation_images < 0:
+        flag, value = ("rank", args.rank) if args.rank < 0 else ("num_validation_images", args.num_validation_images)
+        raise ValueError(f"--{flag} must be at least 0, got {value}")
+    if args.rank and args.from_scratch:
+        raise ValueError("--rank trains a LoRA on top of the pretrained UNet, and --from_scratch discards that UNet: "
+                         "drop one of them")
+    if args.rank and args.use_ema:
+        raise ValueError("--use_ema is not supported with --rank (LoRA): the LoRA weights are saved as trained, as "
+                         "diffusers' LoRA script does; drop --use_ema, or fine-tune the whole UNet (no --rank)")
     if not 0.0 <= args.caption_dropout <= 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
     if args.cache_latents is not None and not args.center_crop:
@@ -187,20 +218,29 @@ def main(args):
     else:
         unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=args.variant, **pretrained)
     resolution = args.resolution or unet.config.sample_size * vae_scale
+    if args.rank:  # LoRA: the base stays frozen in the mixed precision; only the adapter trains, in float32
+        unet.to(accelerator.device, frozen_dtype)
+        trainable = add_unet_lora(unet, args.rank)
+    else:
+        trainable = list(unet.parameters())
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     ema = make_ema(unet, args, accelerator.device)
-    register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
+    if args.rank:  # checkpoints hold pytorch_lora_weights.safetensors, as diffusers' LoRA script writes them
+        register_lora_checkpoint_hooks(accelerator)
+    else:
+        register_checkpoint_hooks(accelerator, model_folder="unet", ema=ema)
 
     # Data: images (encoded by the VAE every step) or their cached latent distributions; prompts from the
     # class names or captions. Shuffles, flips and prompt choices are fixed by (seed, epoch, row).
     dataset_description = describe_dataset(args.dataset_name, args.train_data_dir)
     with accelerator.main_process_first():
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
-    captioner = Captioner.for_dataset(dataset, args.caption_column, args.prompt_template, args.class_name_synonyms,
+    dataset, caption_column = prompt_column(dataset, args.caption_column, args.instance_prompt)  # default: `text`
+    captioner = Captioner.for_dataset(dataset, caption_column, args.prompt_template, args.class_name_synonyms,
                                       args.caption_dropout)
     labelled = captioner.labelled_rows(dataset)
     if labelled is not None:
@@ -212,29 +252,33 @@ def main(args):
     if args.cache_latents is None:
         transform = FilteredImageTransform(resolution, 3, args.center_crop, args.random_flip,
                                            args.image_interpolation_mode)
-        samples = TrainImages(dataset, args.image_column, transform, data_seed, keep_columns=[args.caption_column])
+        samples = TrainImages(dataset, args.image_column, transform, data_seed, keep_columns=[caption_column])
     else:
         unflipped = FilteredImageTransform(resolution, 3, True, False, args.image_interpolation_mode)
-        to_encode = TrainImages(dataset, args.image_column, unflipped, data_seed, keep_columns=[args.caption_column])
+        to_encode = TrainImages(dataset, args.image_column, unflipped, data_seed, keep_columns=[caption_column])
         settings = {**pretrained, "variant": args.variant, "vae_config": dict(vae.config),
                     "dataset": dataset_description, "dataset_config_name": args.dataset_config_name,
                     "dataset_fingerprint": getattr(dataset, "_fingerprint", None), "image_column": args.image_column,
-                    "caption_column": args.caption_column, "resolution": resolution,
+                    "caption_column": caption_column, "resolution": resolution,
                     "interpolation": args.image_interpolation_mode, "vae_dtype": str(frozen_dtype)}
         started = time.perf_counter()
         cache = build_latent_cache(args.cache_latents, to_encode, vae, settings, accelerator,
                                    batch_size=args.train_batch_size, chunk_size=args.cache_latents_chunk_size,
                                    flip=args.random_flip,
                                    dtype=args.cache_latents_dtype, num_workers=args.dataloader_num_workers,
-                                   caption_key=args.caption_column)
+                                   caption_key=caption_column)
         logger.info(f"Latent cache {args.cache_latents}: {len(cache)} images ready in "
                     f"{time.perf_counter() - started:.1f} s")
-        samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=args.caption_column)
-    train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=args.caption_column)
+        samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=caption_column)
+    train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=caption_column)
     loader = train_dataloader(train_samples, args.train_batch_size, args.dataloader_num_workers)
 
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
                                   args.assignment_scope, accelerator)
+    batch_warning = assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
+                                             accelerator.num_processes)
+    if batch_warning:
+        logger.warning(batch_warning)
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -244,12 +288,14 @@ def main(args):
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(unet.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = optimizer_class(trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_train_epochs)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
+    steps_from_epoch_flags(args, num_update_steps)  # diffusers' --validation_epochs
+    validate = bool(args.validation_prompts) and args.num_validation_images > 0
 
     run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
     if accelerator.is_main_process:
@@ -259,9 +305,9 @@ def main(args):
     logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
                 f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
                 f"steps ({num_epochs} epochs) at {resolution} px; UNet "
-                f"{'from scratch' if args.from_scratch else 'fine-tuned'}; "
+                f"{'from scratch' if args.from_scratch else f'LoRA rank {args.rank}' if args.rank else 'fine-tuned'}; "
                 f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
-                f"{args.caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
+                f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
 
     if args.seed is not None:
@@ -300,15 +346,15 @@ def main(args):
                 loss = min_snr_loss(noise_scheduler, model_pred, latents, noise, timesteps, args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
 
             # EMA, step count, logs, progress bar; a checkpoint every --checkpointing_steps or on Ctrl-C / SIGTERM
-            if progress.after_micro_batch(loss, unet.parameters()):
+            if progress.after_micro_batch(loss, trainable):
                 step = progress.global_step
-                if (args.validation_prompts and step % args.validation_steps == 0 and not progress.finished
+                if (validate and step % args.validation_steps == 0 and not progress.finished
                         and accelerator.is_main_process):
                     pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
                                                          inference_scheduler)
@@ -324,62 +370,93 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
-        if frozen_dtype != torch.float32:  # save the frozen parts in full precision, as they were loaded
-            text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
-            vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
-        pipeline = stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, inference_scheduler)
-        pipeline.save_pretrained(args.output_dir)
-        if args.validation_prompts:
+        if args.rank:  # the LoRA file only; its samples come from the base pipeline with it loaded, as users will
+            saved = save_unet_lora(unet, args.output_dir)
+            pipeline = None
+            if validate:
+                pipeline = base_pipeline_with_lora(args.pretrained_model_name_or_path, args.output_dir,
+                                                   revision=args.revision, variant=args.variant, dtype=frozen_dtype)
+                pipeline.scheduler = inference_scheduler  # the trained prediction type
+        else:
+            if ema is not None:
+                ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
+            if frozen_dtype != torch.float32:  # save the frozen parts in full precision, as they were loaded
+                text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant,
+                                                             **pretrained)
+                vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
+            pipeline = stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, inference_scheduler)
+            pipeline.save_pretrained(args.output_dir)
+            saved = f"the StableDiffusionPipeline to {args.output_dir}"
+        if validate:
             save_samples(accelerator, args, pipeline.to(accelerator.device), resolution, global_step,
                          Path(args.output_dir) / "samples.png")
         summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
                    "global_step": global_step, "resolution": resolution, "dataset": dataset_description,
-                   "num_images": len(dataset), "class_names": captioner.class_names}
+                   "num_images": len(dataset), "caption_column": caption_column, "class_names": captioner.class_names}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info(f"Saved the StableDiffusionPipeline to {args.output_dir}")
+        logger.info(f"Saved {saved}")
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)
     accelerator.end_training()
 
 
 def save_samples(accelerator, args, pipeline, resolution, step, path):
-    """One image per validation prompt with a fixed seed (comparable across steps); saved and logged at `step`."""
+    """--num_validation_images per validation prompt with a fixed seed (comparable across steps); saved and logged
+    at `step`."""
     with accelerator.autocast():
         images = sample_images(pipeline, seed=args.seed or 0, prompt=args.validation_prompts, height=resolution,
                                width=resolution, num_inference_steps=args.validation_inference_steps,
-                               guidance_scale=args.validation_guidance_scale)
+                               guidance_scale=args.validation_guidance_scale,
+                               num_images_per_prompt=args.num_validation_images)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
     log_images(accelerator, "validation", images, step)
 
 
 def push_to_hub(args, repo_id, summary):
+    """The model card (a LoRA card with --rank: base model, trigger or class prompts, `lora` tag) and the upload."""
+    class_prompts = [args.prompt_template.format(name.split(",")[0].strip()) for name in summary["class_names"] or []]
+    if args.instance_prompt is not None:
+        prompts, example = f"instance prompt {args.instance_prompt!r}", args.instance_prompt
+    elif class_prompts:
+        prompts, example = f"{args.prompt_template!r} with the class names", class_prompts[0]
+    else:
+        prompts, example = f"captions of column {summary['caption_column']!r}", "a photo"
+    example = args.validation_prompts[0] if args.validation_prompts else example
+    unet_kind = "from scratch" if args.from_scratch else f"LoRA rank {args.rank}" if args.rank else "fine-tuned"
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
                 "assignment scope": args.assignment_scope, "assignment groups": args.immiscible_groups,
                 "base model": args.pretrained_model_name_or_path,
-                "UNet": "from scratch" if args.from_scratch else "fine-tuned", "dataset": summary["dataset"],
-                "prompts": args.prompt_template if summary["class_names"] else f"column {args.caption_column}",
+                "UNet": unet_kind,
+                "dataset": summary["dataset"], "prompts": prompts,
                 "resolution": summary["resolution"], "batch size (total)": summary["total_batch_size"],
                 "processes": summary["num_processes"], "steps": summary["global_step"],
                 "learning rate": args.learning_rate, "EMA": args.use_ema, "snr_gamma": args.snr_gamma,
                 "mixed precision": args.mixed_precision or "accelerate default"}
-    if args.validation_prompts:
-        prompt = args.validation_prompts[0]
-    elif summary["class_names"]:
-        prompt = args.prompt_template.format(summary["class_names"][0].split(",")[0].strip())
-    else:
-        prompt = "a photo"
-    description = card_description(
-        title=f"Immiscible Stable Diffusion: {repo_id}",
-        summary=(f"A Stable Diffusion UNet trained with Immiscible Diffusion ({args.immiscible} noise assignment on "
-                 f"the VAE latents, arXiv 2406.12303) on {summary['dataset']} using `train_immiscible_sd.py` from "
-                 "immiscible-diffusers."),
-        settings=settings, image="samples.png" if args.validation_prompts else None,
-        usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
-               f"image = pipeline({prompt!r}, num_inference_steps=50).images[0]"))
+    method = (f"Immiscible Diffusion ({args.immiscible} noise assignment on the VAE latents, arXiv 2406.12303) on "
+              f"{summary['dataset']} using `train_immiscible_sd.py` from immiscible-diffusers")
     tags = immiscible_tags(args.immiscible) + ["stable-diffusion", "text-to-image", f"scope-{args.assignment_scope}"]
+    image = "samples.png" if args.validation_prompts and args.num_validation_images else None
+    if args.rank:
+        if args.instance_prompt is not None:
+            trigger = f"Trigger prompt: `{args.instance_prompt}`."
+        elif class_prompts:
+            trigger = "Class prompts: " + ", ".join(f"`{prompt}`" for prompt in class_prompts[:20]) + "."
+        else:
+            trigger = f"Prompts: the captions of column `{summary['caption_column']}`."
+        description = card_description(
+            title=f"Immiscible LoRA: {repo_id}",
+            summary=(f"LoRA weights (rank {args.rank}) for {args.pretrained_model_name_or_path}, trained with "
+                     f"{method}. Load them on the base model with `load_lora_weights`.\n\n{trigger}"),
+            settings=settings, image=image, usage=lora_usage(args.pretrained_model_name_or_path, repo_id, example))
+        tags.append("lora")
+    else:
+        description = card_description(
+            title=f"Immiscible Stable Diffusion: {repo_id}",
+            summary=f"A Stable Diffusion UNet trained with {method}.", settings=settings, image=image,
+            usage=(f'from diffusers import DiffusionPipeline\n\n'
+                   f'pipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
+                   f"image = pipeline({example!r}, num_inference_steps=50).images[0]"))
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token,
                      base_model=args.pretrained_model_name_or_path)
     upload_output_folder(args.output_dir, repo_id, args.hub_token)

@@ -7,6 +7,10 @@ Two kinds of column:
   Rows labelled -1 (ImageNet's test split) carry no class and are dropped.
 - a text column: each row is a caption or a list of captions (one is drawn per use), used as is.
 
+Which column: `prompt_column(dataset, caption_column, instance_prompt)` picks it as diffusers' text-to-image
+scripts do (a `text` column unless told otherwise), else the dataset's class labels; `--instance_prompt` adds a
+column holding one fixed prompt, for a folder of a few images of one thing without captions.
+
 Every random choice (a synonym, a caption of a list, caption dropout) is fixed by (seed, epoch, row), like
 the image augmentations of `data.TrainImages`: a run is reproducible, resumes exactly, and training from the
 latent cache sees exactly the prompts that training from images sees.
@@ -24,6 +28,8 @@ from .data import check_column, sample_seed
 SYNONYM_CHOICES = ("first", "random", "all")
 NO_LABEL = -1  # the label of rows without a class (ImageNet test split), and the group of dropped prompts
 PROMPT_STREAM = 1  # keeps the prompt choices of a row independent of its image augmentations
+TEXT_COLUMN = "text"  # diffusers' default --caption_column
+INSTANCE_COLUMN = "instance_prompt"  # the column --instance_prompt adds
 
 
 def _feature_is_integer(feature) -> bool:
@@ -113,6 +119,31 @@ class Captioner:
         if self.caption_dropout > 0 and torch.rand((), generator=generator).item() < self.caption_dropout:
             return "", NO_LABEL
         return text, (int(value) if self.is_class_label else prompt_id(text))
+
+
+def prompt_column(dataset, caption_column: str | None = None, instance_prompt: str | None = None):
+    """(dataset, the column to make prompts from). An explicit `caption_column` is used as is (checked later by
+    `Captioner.for_dataset`); with `instance_prompt`, a column holding it on every row is added; otherwise a
+    `text` column as in diffusers' scripts, or else the first class-label column (an imagefolder's `label`)."""
+    if instance_prompt is not None:
+        if caption_column is not None:
+            raise ValueError("pass either --instance_prompt (one prompt for every image) or --caption_column, not both")
+        if not instance_prompt.strip():
+            raise ValueError("--instance_prompt must not be empty")
+        if INSTANCE_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(INSTANCE_COLUMN)
+        return dataset.add_column(INSTANCE_COLUMN, [instance_prompt] * len(dataset)), INSTANCE_COLUMN
+    if caption_column is not None:
+        return dataset, caption_column
+    if TEXT_COLUMN in dataset.column_names:
+        return dataset, TEXT_COLUMN
+    labels = [name for name, feature in dataset.features.items() if getattr(feature, "names", None) is not None]
+    if labels:
+        return dataset, labels[0]
+    raise ValueError(f"the dataset has no {TEXT_COLUMN!r} column (diffusers' default --caption_column) and no "
+                     f"class-label column to make prompts from; its columns are: {', '.join(dataset.column_names)}. "
+                     f"Pass --caption_column COLUMN, or --instance_prompt \"a photo of sks dog\" to give every image "
+                     f"one prompt.")
 
 
 def prompt_id(prompt: str) -> int:

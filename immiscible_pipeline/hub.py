@@ -41,6 +41,12 @@ def immiscible_tags(method: str) -> list[str]:
     return ["diffusers", "diffusers-training", "immiscible-diffusion", f"immiscible-{method}"]
 
 
+def lora_usage(base_model: str, repo_id: str, prompt: str) -> str:
+    """The usage snippet of a LoRA card: the base pipeline with the repo's LoRA loaded, as plain diffusers."""
+    return (f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{base_model}")\n'
+            f'pipeline.load_lora_weights("{repo_id}")\nimage = pipeline({prompt!r}, num_inference_steps=50).images[0]')
+
+
 def settings_table(settings: dict) -> str:
     """A two-column markdown table of the training settings."""
     rows = [f"| {key} | {value} |" for key, value in settings.items()]

@@ -1,10 +1,12 @@
 """Fixtures of the latent SD tests: a tiny SD model folder and tiny labelled / captioned image folders.
 
-Imported by the test modules that use them (`from sd_fixtures import ...`); built from configs, offline.
+Imported by the test modules that use them (`from sd_fixtures import ...`); built from configs, offline. Also
+`scalars`, the logged values of a run.
 """
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +60,16 @@ def write_captioned_folder(folder, count: int = 8):
 @pytest.fixture(scope="session")
 def captioned_folder(tmp_path_factory):
     return write_captioned_folder(tmp_path_factory.mktemp("captioned"))
+
+
+def scalars(output_dir) -> dict:
+    """{tag: [values by step]} from a run's TensorBoard logs (output_dir/logs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in sorted((Path(output_dir) / "logs").rglob("events.out.tfevents*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found[tag] = [event.value for event in accumulator.Scalars(tag)]
+    return found

@@ -3,7 +3,6 @@
 Launches cost several seconds of imports each, so there are three; the rest runs `main()` in this process.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from diffusers import DDIMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import write_images
+from in_process import load_script, run_in_process
 from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
 
 import immiscible_pipeline.hub as hub
@@ -27,10 +27,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
 
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_immiscible_ddim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture
@@ -42,17 +39,6 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
                 "--train_batch_size", "4", "--ddim_num_inference_steps", "2", "--num_validation_images", "4",
                 "--seed", "0", *map(str, extra)]
     return make
-
-
-def run_in_process(trainer, argv):
-    """`main()` in this process, on a clean Accelerate state (it is process-wide)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        trainer.main(trainer.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
@@ -301,6 +287,36 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
                  f"| dataset | image folder {tiny_args(output)[1]} |", "![samples](samples.png)",
                  'DiffusionPipeline.from_pretrained("me/tiny-ddim")'):
         assert text in card, text
+
+
+# --- diffusers' train_unconditional.py command lines ------------------------------------------------------
+
+def test_diffusers_train_unconditional_test_commands_run_unchanged(trainer, tmp_path, tiny_unet_config_path):
+    """The commands of diffusers' test_unconditional.py, flags verbatim (a 6-image folder and the tiny UNet
+    instead of the Hub's dummies; --use_ema, --center_crop, --random_flip as in its EMA variant)."""
+    data, output = tmp_path / "data", tmp_path / "run"
+    write_images(data, count=6)
+
+    def command(num_epochs, *extra):
+        return ["--train_data_dir", data, "--model_config_name_or_path", tiny_unet_config_path, "--resolution", "8",
+                "--output_dir", output, "--train_batch_size", "1", "--num_epochs", num_epochs,
+                "--gradient_accumulation_steps", "1", "--ddpm_num_inference_steps", "1", "--learning_rate", "1e-3",
+                "--lr_warmup_steps", "5", "--use_ema", "--center_crop", "--random_flip", *extra]
+
+    run_in_process(trainer, command(1, "--checkpointing_steps=2", "--eval_batch_size", "2"))
+    assert checkpoints(output) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (output / "scheduler" / "scheduler_config.json").is_file()
+    assert summary(output)["ddim_num_inference_steps"] == 1 and summary(output)["num_validation_images"] == 2
+    # An intermediate checkpoint's UNet is a diffusers folder that samples.
+    unet = UNet2DModel.from_pretrained(output, subfolder="checkpoint-4/unet")
+    images = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())(batch_size=1, num_inference_steps=1).images
+    assert images[0].size == (8, 8)
+
+    run_in_process(trainer, command(2, "--resume_from_checkpoint=checkpoint-6", "--checkpointing_steps=2",
+                                    "--checkpoints_total_limit=2"))
+    assert checkpoints(output) == ["checkpoint-10", "checkpoint-12"]  # resumed at 6: 8 and 10 rotated away
+    assert summary(output)["global_step"] == 12
 
 
 # --- flags and errors ------------------------------------------------------------------------------------

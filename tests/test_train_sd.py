@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
-from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
+from sd_fixtures import captioned_folder, labelled_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -101,19 +101,6 @@ def unet_weights(folder: Path) -> dict:
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
-
-
-def scalars(output_dir: Path) -> dict:
-    """{tag: [values by step]} from the run's TensorBoard logs."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found = {}
-    for events in sorted((output_dir / "logs").rglob("events.out.tfevents*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            found[tag] = [event.value for event in accumulator.Scalars(tag)]
-    return found
 
 
 def generate(output_dir: Path, prompt: str):
