@@ -5,6 +5,7 @@
         --reference_image_column img --num_samples 10000 --feature inception
     python -m immiscible_pipeline.evaluate --model sd-out/ --reference imagenet-folder/ \
         --prompts_file class_prompts.txt --samples_per_class 50
+    python -m immiscible_pipeline.evaluate --model cm-out/ --num_inference_steps 1 2   # one FID per step count
 
 Prints the metrics and writes them as JSON (`--output_json`, default `<model>/evaluation.json`).
 With `--sample_only --save_images DIR` it only writes the images (the sampling command).
@@ -37,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "classifier: a small CNN trained on the reference's labels (MNIST practice), cached")
     parser.add_argument("--num_samples", type=int, default=2000, help="images to generate")
     parser.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=int, nargs="+", default=None,
+                        help="sampler steps; several give one result each (default: 1 and 2 for a consistency "
+                             "model, 50 otherwise)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
     parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")
@@ -65,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--sample_only needs --model and --save_images")
     if args.num_samples < 2 and not args.sample_only and args.samples_per_class is None:
         parser.error("--num_samples must be >= 2 for FID")
+    if args.num_inference_steps is not None and min(args.num_inference_steps) < 1:
+        parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
+    if args.sample_only and args.num_inference_steps is not None and len(args.num_inference_steps) > 1:
+        parser.error("--sample_only writes one set of images: give one --num_inference_steps")
     return args
 
 
@@ -79,6 +86,12 @@ def load_prompts(args):
         return None
     return class_prompts(texts, num_images=None if args.samples_per_class else args.num_samples,
                          per_class=args.samples_per_class, weights=args.class_weights)
+
+
+def default_inference_steps(pipeline) -> list[int]:
+    """One- and two-step sampling for a consistency model (its sampler allows at most its 40 levels), 50 for
+    DDIM and the like."""
+    return [1, 2] if type(pipeline).__name__ == "ConsistencyModelPipeline" else [50]
 
 
 def load_pipeline(args, accelerator):
@@ -138,35 +151,50 @@ def main(argv=None) -> dict | None:
         accelerator = Accelerator()
         is_main = accelerator.is_main_process
         pipeline = load_pipeline(args, accelerator)
+        steps = args.num_inference_steps or default_inference_steps(pipeline)
         prompts = load_prompts(args)
         num_samples = len(prompts.prompts) if prompts is not None else args.num_samples
         if args.sample_only:
             sample_images(pipeline, num_samples, batch_size=args.batch_size, seed=args.seed,
-                          num_inference_steps=args.num_inference_steps, eta=args.eta,
+                          num_inference_steps=steps[0], eta=args.eta,
                           prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
                           accelerator=accelerator, output_dir=args.save_images, keep_in_memory=False)
             if is_main:
                 print(f"wrote {num_samples} images to {args.save_images} with {accelerator.num_processes} process(es)")
             return None
-        result = evaluate_pipeline(
-            pipeline, reference, num_samples, feature=args.feature, num_reference=args.num_reference or None,
-            batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.num_inference_steps, eta=args.eta,
-            prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale, accelerator=accelerator,
-            output_dir=args.save_images, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            **extractor_args)
+        results = {}
+        for num_steps in steps:
+            save_images = args.save_images
+            if save_images is not None and len(steps) > 1:
+                save_images = os.path.join(save_images, f"{num_steps}-step")
+            results[num_steps] = evaluate_pipeline(
+                pipeline, reference, num_samples, feature=args.feature, num_reference=args.num_reference or None,
+                batch_size=args.batch_size, seed=args.seed, num_inference_steps=num_steps, eta=args.eta,
+                prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
+                accelerator=accelerator, output_dir=save_images, kid_subsets=args.kid_subsets,
+                kid_subset_size=args.kid_subset_size, **extractor_args)
+        # One step count: its record, as always; several: one record per count, keyed by it.
+        result = results[steps[0]] if len(steps) == 1 else {
+            "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
     if is_main:
         source = args.model or args.images
         result["source"] = os.path.abspath(source)
         path = args.output_json or os.path.join(source, "evaluation.json")
         with open(path, "w") as handle:
             json.dump(result, handle, indent=2)
-        accuracy = result.get("classifier_test_accuracy")
-        feature = result["feature"] + (f" (test accuracy {accuracy:.4f})" if accuracy is not None else "")
-        print(f"FID {result['fid']:.4f}  KID {result['kid_mean']:.6f} +- {result['kid_std']:.6f}  "
-              f"({result['num_fake']} samples vs {result['num_real']} reference images of "
-              f"{reference.name}:{reference.split}, features: {feature})")
+        for record in (result["results"].values() if "results" in result else [result]):
+            print_metrics(record, reference)
         print(f"wrote {path}")
     return result
+
+
+def print_metrics(record: dict, reference) -> None:
+    accuracy = record.get("classifier_test_accuracy")
+    feature = record["feature"] + (f" (test accuracy {accuracy:.4f})" if accuracy is not None else "")
+    steps = f"{record['num_inference_steps']}-step sampling: " if "num_inference_steps" in record else ""
+    print(f"{steps}FID {record['fid']:.4f}  KID {record['kid_mean']:.6f} +- {record['kid_std']:.6f}  "
+          f"({record['num_fake']} samples vs {record['num_real']} reference images of "
+          f"{reference.name}:{reference.split}, features: {feature})")
 
 
 if __name__ == "__main__":

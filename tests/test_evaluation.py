@@ -307,3 +307,25 @@ def test_sample_only_command_then_scoring_the_folder(classifier, cache_dir, tmp_
     assert result["num_fake"] == 5 and result["num_real"] == 50 and result["resolution"] == RESOLUTION
     assert result["feature"] == classifier.name and result["fid"] > 0
     assert json.loads((tmp_path / "scores.json").read_text())["fid"] == result["fid"]
+
+
+def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier, cache_dir, tmp_path):
+    from diffusers import ConsistencyModelPipeline
+
+    from immiscible_pipeline import evaluate
+    from immiscible_pipeline.consistency import ConsistencyRecipe
+
+    model = str(tmp_path / "tiny-cm")
+    ConsistencyModelPipeline(unet=tiny_ddim_pipeline().unet, scheduler=ConsistencyRecipe().scheduler()).save_pretrained(model)
+    common = ["--model", model, "--reference", "mnist", "--feature", "classifier", "--cache_dir", cache_dir,
+              "--classifier_steps", "60", "--num_samples", "6", "--num_reference", "50", "--kid_subsets", "2",
+              "--batch_size", "3"]
+    result = evaluate.main(common + ["--save_images", str(tmp_path / "images")])  # default: 1 and 2 steps
+    assert result["num_inference_steps"] == [1, 2]
+    one, two = result["results"]["1"], result["results"]["2"]
+    assert (one["num_inference_steps"], two["num_inference_steps"]) == (1, 2) and one["num_fake"] == 6
+    assert one["fid"] != two["fid"]  # the second step re-noises and denoises: other images
+    assert len(list((tmp_path / "images" / "2-step").glob("*.png"))) == 6
+    assert json.loads((tmp_path / "tiny-cm" / "evaluation.json").read_text())["results"]["2"]["fid"] == two["fid"]
+    single = evaluate.main(common + ["--num_inference_steps", "1", "--output_json", str(tmp_path / "one.json")])
+    assert single["fid"] == pytest.approx(one["fid"], rel=1e-6)  # one step count: the usual flat record
