@@ -19,8 +19,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from in_process import REPO, load_script, run_in_process
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
+from trainer_spies import load_script, run_in_process
 
 import immiscible_pipeline.hub as hub
 from immiscible_pipeline.diffusers_flags import (TEXT_TO_IMAGE_FLAGS, UNCONDITIONAL_FLAGS, Alias, EveryEpochs,
@@ -29,6 +29,7 @@ from immiscible_pipeline.lora import LORA_WEIGHTS_NAME
 from immiscible_pipeline.training import image_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parent.parent
 BATCH_WARNING = "the assignment does nothing"
 INSTANCE_PROMPT = "a photo of sks fish"
 
@@ -45,7 +46,7 @@ def run(script, argv) -> str:
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger().addHandler(handler)
     try:
-        run_in_process(script, argv)
+        run_in_process(script, [str(arg) for arg in argv])
     finally:
         logging.getLogger().removeHandler(handler)
     return "\n".join(records)

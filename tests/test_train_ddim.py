@@ -4,7 +4,6 @@ Launches cost several seconds of imports each, so there are three; the rest runs
 """
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -16,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import write_images
-from in_process import load_script, run_in_process
 from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
+from trainer_spies import load_script, run_in_process, spy_on_noise
 
 import immiscible_pipeline.hub as hub
 import immiscible_pipeline.trainer as shared_trainer
@@ -114,28 +113,6 @@ def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, t
 
 class Interrupted(Exception):
     pass
-
-
-def spy_on_noise(trainer, monkeypatch, interrupt_on_call=()) -> list:
-    """Wraps the script's noise assignment: returns the list of the batches it is called with, and sends this
-    process a SIGINT during the calls numbered in `interrupt_on_call` (a set the test may change)."""
-    calls, real_build = [], trainer.build_immiscible
-
-    def spying_build(*args, **kwargs):
-        imm = real_build(*args, **kwargs)
-
-        class Spy:
-            last_stats = property(lambda self: imm.last_stats)
-
-            def __call__(self, x0, **kw):
-                calls.append(x0.clone())
-                if len(calls) in interrupt_on_call:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return imm(x0, **kw)
-        return Spy()
-
-    monkeypatch.setattr(trainer, "build_immiscible", spying_build)
-    return calls
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_path, tiny_args, monkeypatch):
@@ -298,10 +275,11 @@ def test_diffusers_train_unconditional_test_commands_run_unchanged(trainer, tmp_
     write_images(data, count=6)
 
     def command(num_epochs, *extra):
-        return ["--train_data_dir", data, "--model_config_name_or_path", tiny_unet_config_path, "--resolution", "8",
-                "--output_dir", output, "--train_batch_size", "1", "--num_epochs", num_epochs,
-                "--gradient_accumulation_steps", "1", "--ddpm_num_inference_steps", "1", "--learning_rate", "1e-3",
-                "--lr_warmup_steps", "5", "--use_ema", "--center_crop", "--random_flip", *extra]
+        return ["--train_data_dir", str(data), "--model_config_name_or_path", str(tiny_unet_config_path),
+                "--resolution", "8", "--output_dir", str(output), "--train_batch_size", "1", "--num_epochs",
+                str(num_epochs), "--gradient_accumulation_steps", "1", "--ddpm_num_inference_steps", "1",
+                "--learning_rate", "1e-3", "--lr_warmup_steps", "5", "--use_ema", "--center_crop", "--random_flip",
+                *extra]
 
     run_in_process(trainer, command(1, "--checkpointing_steps=2", "--eval_batch_size", "2"))
     assert checkpoints(output) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
