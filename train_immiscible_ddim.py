@@ -29,7 +29,8 @@ from immiscible_pipeline.reference_data import ReferenceSpec
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
                                          add_evaluation_arguments, add_immiscible_arguments, add_optimizer_arguments,
-                                         add_output_arguments, add_pixel_data_arguments, check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
+                                         add_output_arguments, add_pixel_data_arguments, assignment_batch_warning,
+                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
                                          setup_accelerator)
 from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
                                           register_checkpoint_hooks, sample_images, tracker_config)
@@ -149,6 +150,9 @@ def main(args):
                                     prediction_type=args.prediction_type)
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
                                   args.assignment_scope, accelerator)
+    if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
+                                           accelerator.num_processes):
+        logger.warning(warning)  # linear assignment of batches of one: vanilla training
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 

@@ -37,10 +37,10 @@ from immiscible_pipeline.hub import (card_description, immiscible_tags, lora_usa
 from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
 from immiscible_pipeline.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
                                       save_unet_lora)
-from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, assignment_batch_warning,
-                                             check_pretrained_model, load_inference_scheduler, min_snr_loss,
-                                             stable_diffusion_pipeline)
+from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
+                                             load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
+                                         assignment_batch_warning,
                                          add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
                                          check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
                                          setup_accelerator)
@@ -275,10 +275,9 @@ def main(args):
 
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
                                   args.assignment_scope, accelerator)
-    batch_warning = assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
-                                             accelerator.num_processes)
-    if batch_warning:
-        logger.warning(batch_warning)
+    if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
+                                           accelerator.num_processes):
+        logger.warning(warning)  # linear assignment of batches of one: vanilla training
     learning_rate = args.learning_rate
     if args.scale_lr:
         learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes

@@ -110,15 +110,3 @@ def stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-
-
-def assignment_batch_warning(method: str, batch_size: int, scope: str, num_processes: int) -> str | None:
-    """A warning when linear assignment sees a single sample: one latent and one noise can only be paired with
-    each other, so the run is vanilla training. KNN (nearest of k draws per sample) still works at batch 1."""
-    assigned_together = batch_size * (num_processes if scope == "global" else 1)
-    if method != "linear" or assigned_together > 1:
-        return None
-    return (f"--immiscible linear with --train_batch_size {batch_size} per process (--assignment_scope {scope}, "
-            f"{num_processes} process(es)) assigns a batch of one latent to its only noise: the assignment does "
-            f"nothing and this is vanilla training. For small batches use --immiscible knn (e.g. --immiscible_k 4: "
-            f"each latent keeps the nearest of 4 noises).")

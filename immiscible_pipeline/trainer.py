@@ -88,6 +88,18 @@ def add_evaluation_arguments(parser):
     return evaluation
 
 
+def assignment_batch_warning(method: str, batch_size: int, scope: str, num_processes: int) -> str | None:
+    """A warning when linear assignment sees a single sample: one sample and one noise can only be paired with
+    each other, so the run is vanilla training. KNN (nearest of k draws per sample) still works at batch 1."""
+    assigned_together = batch_size * (num_processes if scope == "global" else 1)
+    if method != "linear" or assigned_together > 1:
+        return None
+    return (f"--immiscible linear with --train_batch_size {batch_size} per process (--assignment_scope {scope}, "
+            f"{num_processes} process(es)) assigns a batch of one sample to its only noise: the assignment does "
+            f"nothing and this is vanilla training. For small batches use --immiscible knn (e.g. --immiscible_k 4: "
+            f"each sample keeps the nearest of 4 noises).")
+
+
 def add_optimizer_arguments(group, adam_beta1: float = 0.9, adam_weight_decay: float = 1e-2) -> None:
     """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; train_unconditional.py uses
     beta1 0.95 and weight decay 1e-6)."""

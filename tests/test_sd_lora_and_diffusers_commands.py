@@ -299,7 +299,7 @@ def test_prompt_column_follows_diffusers_then_class_labels():
 
 
 def test_batch_of_one_warning_only_where_linear_assignment_is_a_no_op():
-    from immiscible_pipeline.sd_training import assignment_batch_warning
+    from immiscible_pipeline.trainer import assignment_batch_warning
 
     assert BATCH_WARNING in assignment_batch_warning("linear", 1, "local", 2)
     assert BATCH_WARNING in assignment_batch_warning("linear", 1, "global", 1)
