@@ -123,6 +123,9 @@ def score_folder(args, reference, extractor_args) -> dict:
     real, record = reference_features(reference, extractor, resolution, channels, args.num_reference or None,
                                       args.cache_dir)
     result = fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
+    if hasattr(extractor, "confident_fraction"):
+        result.update(confident_fraction=extractor.confident_fraction(fake),
+                      reference_confident_fraction=extractor.confident_fraction(real))
     result.update(feature=extractor.name, reference=reference.name, reference_split=reference.split,
                   resolution=resolution, channels=channels, reference_from_cache=record["from_cache"])
     accuracy = getattr(extractor, "info", {}).get("test_accuracy")
@@ -195,6 +198,9 @@ def print_metrics(record: dict, reference) -> None:
     print(f"{steps}FID {record['fid']:.4f}  KID {record['kid_mean']:.6f} +- {record['kid_std']:.6f}  "
           f"({record['num_fake']} samples vs {record['num_real']} reference images of "
           f"{reference.name}:{reference.split}, features: {feature})")
+    if "confident_fraction" in record:
+        print(f"{steps}classifier confidence >= 0.9 for {record['confident_fraction']:.3f} of the samples "
+              f"({record['reference_confident_fraction']:.3f} of the reference images)")
 
 
 if __name__ == "__main__":

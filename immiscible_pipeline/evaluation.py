@@ -88,7 +88,8 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
                       classifier_settings: ClassifierTraining | None = None, extractor: FeatureExtractor | None = None,
                       reference_feats: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Samples `num_samples` images (split across the accelerator's processes), and returns on every process
-    {"fid", "kid_mean", "kid_std", ...details}: the number of samples and reference images, the feature
+    {"fid", "kid_mean", "kid_std", ...details}, with classifier features also "confident_fraction" (samples
+    the classifier labels with probability >= 0.9; "reference_confident_fraction" for the reference images): the number of samples and reference images, the feature
     network (and the classifier's test accuracy), whether the reference features came from the cache, timings.
 
     `extractor` / `reference_feats` let a caller that evaluates repeatedly (see TrainingEvaluator) reuse them.
@@ -132,6 +133,9 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
             reference_feats, ref_record = reference_features(reference, extractor, height, channels, num_reference,
                                                              cache_dir, seed=0, batch_size=feature_batch_size)
         result = fid_kid(reference_feats, fake, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+        if hasattr(extractor, "confident_fraction"):  # classifier features: how many samples read clearly
+            result.update(confident_fraction=extractor.confident_fraction(fake),
+                          reference_confident_fraction=extractor.confident_fraction(reference_feats))
         result.update(
             feature=extractor.name, reference=reference.name, reference_split=reference.split,
             resolution=height, channels=channels, num_inference_steps=num_inference_steps, eta=eta, seed=seed,
@@ -220,4 +224,4 @@ class TrainingEvaluator:
                 kid_subset_size=self.kid_subset_size, extractor=self._extractor,
                 reference_feats=self._reference_feats if is_main else None, progress=self.progress)
         self.last_details = details
-        return {"fid": details["fid"], "kid_mean": details["kid_mean"], "kid_std": details["kid_std"]}
+        return {key: details[key] for key in ("fid", "kid_mean", "kid_std", "confident_fraction") if key in details}

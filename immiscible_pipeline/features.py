@@ -149,6 +149,9 @@ def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+CONFIDENT = 0.9  # the classifier's probability above which a sample counts as clearly readable
+
+
 class ClassifierFeatures(FeatureExtractor):
     """Penultimate features of a trained `SmallClassifier`, times a fixed `scale` (chosen at training so that
     the features' mean square is 1). `info` holds the classifier's test accuracy and training record."""
@@ -167,3 +170,11 @@ class ClassifierFeatures(FeatureExtractor):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_uint8_images(images)
         return self.classifier.features(uint8_to_unit(images)) * self.scale
+
+    @torch.inference_mode()
+    def confident_fraction(self, features: torch.Tensor, threshold: float = CONFIDENT) -> float:
+        """The fraction of images (given by their features from `forward`) that the classifier assigns to one
+        class with probability >= `threshold`: a measure of how many samples are clearly readable."""
+        head = self.classifier.head
+        logits = head(features.to(head.weight.device, head.weight.dtype) / self.scale)
+        return float((logits.softmax(dim=1).amax(dim=1) >= threshold).float().mean())

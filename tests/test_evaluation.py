@@ -92,6 +92,16 @@ def test_fid_and_kid_are_zero_without_change_and_grow_with_corruption(classifier
     assert kids == sorted(kids) and len(set(kids)) == len(kids), kids
 
 
+def test_confident_fraction_counts_clearly_readable_images(classifier, digits):
+    real = classifier.confident_fraction(classifier.extract(digits))
+    noisy = classifier.confident_fraction(classifier.extract(add_noise(digits, 0.6)))
+    # The tests' 60-step classifier is sure of ~40% of real digits (the default 1500 steps: ~96%).
+    assert real > 0.25 and noisy < real / 2  # heavy noise makes digits unreadable
+    assert classifier.confident_fraction(classifier.extract(digits), threshold=0.0) == 1.0
+    blank = classifier.confident_fraction(classifier.extract(torch.zeros_like(digits)))
+    assert blank in (0.0, 1.0)  # identical images: all or none
+
+
 def test_kid_is_seeded(classifier, digits):
     real, fake = classifier.extract(digits[:150]), classifier.extract(add_noise(digits[150:], 0.1))
     a = fid_kid(real, fake, kid_subsets=5, kid_subset_size=50, seed=3)
@@ -227,7 +237,7 @@ def test_training_evaluator_is_repeatable_and_leaves_training_state_alone(classi
     rng = torch.get_rng_state()
     first = evaluator(pipeline)
     assert torch.equal(torch.get_rng_state(), rng) and pipeline.unet.training
-    assert set(first) == {"fid", "kid_mean", "kid_std"} and first["fid"] > 0
+    assert set(first) == {"fid", "kid_mean", "kid_std", "confident_fraction"} and first["fid"] > 0
     assert evaluator.last_details["classifier_test_accuracy"] == classifier.info["test_accuracy"]
     assert evaluator(pipeline) == first
 
@@ -325,6 +335,7 @@ def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier,
     one, two = result["results"]["1"], result["results"]["2"]
     assert (one["num_inference_steps"], two["num_inference_steps"]) == (1, 2) and one["num_fake"] == 6
     assert one["fid"] != two["fid"]  # the second step re-noises and denoises: other images
+    assert 0.0 <= one["confident_fraction"] <= 1.0 and one["reference_confident_fraction"] > 0.25
     assert len(list((tmp_path / "images" / "2-step").glob("*.png"))) == 6
     assert json.loads((tmp_path / "tiny-cm" / "evaluation.json").read_text())["results"]["2"]["fid"] == two["fid"]
     single = evaluate.main(common + ["--num_inference_steps", "1", "--output_json", str(tmp_path / "one.json")])
