@@ -22,18 +22,14 @@ from accelerate.utils import set_seed
 from diffusers import ConsistencyModelPipeline, UNet2DModel
 
 from immiscible_pipeline.consistency import LOSSES, ConsistencyRecipe, consistency_loss
-from immiscible_pipeline.data import (ImageTransform, TrainImages, class_label_names, describe_dataset,
-                                      load_image_dataset, train_dataloader)
 from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.evaluation import TrainingEvaluator
 from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
 from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
-from immiscible_pipeline.reference_data import ReferenceSpec
 from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
                                          add_evaluation_arguments, add_immiscible_arguments, add_optimizer_arguments,
                                          add_output_arguments, add_pixel_data_arguments, assignment_batch_warning,
-                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
-                                         setup_accelerator)
+                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler,
+                                         pixel_evaluator, pixel_training_data, resume, setup_accelerator)
 from immiscible_pipeline.training import (averaged_weights, image_grid, log_images, register_checkpoint_hooks,
                                           sample_images, tracker_config)
 
@@ -146,26 +142,10 @@ def main(args):
     unet_config = load_unet_config(args.model_config_name_or_path, defaults["unet"], args.resolution)
     unet_config["dropout"] = args.dropout
     args.resolution = unet_config["sample_size"]
-    dataset_description = describe_dataset(args.dataset_name, args.train_data_dir)
-    if args.bundled_demo:
-        logger.info(f"No --dataset_name or --train_data_dir: training on {dataset_description}, 50,000 digits at "
-                    f"{args.resolution} px with a small UNet for {args.max_train_steps} steps, a demo that needs no "
-                    "download and finishes in minutes on a CPU. Pass --dataset_name or --train_data_dir to train "
-                    "on your own images.")
-    else:
-        logger.info(f"Training on {dataset_description} at {args.resolution} px.")
-
-    with accelerator.main_process_first():  # one process downloads and caches, the others then read the cache
-        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
-    class_names = None
-    if args.class_conditional:
-        class_names = class_label_names(dataset, args.label_column)
-        unet_config["num_class_embeds"] = len(class_names)
-    transform = ImageTransform(args.resolution, unet_config["in_channels"], args.center_crop, args.random_flip)
-    data_seed = args.seed if args.seed is not None else 0  # the same shuffle on every process
-    train_images = TrainImages(dataset, args.image_column, transform, seed=data_seed,
-                               keep_columns=[args.label_column] if args.class_conditional else ())
-    loader = train_dataloader(train_images, args.train_batch_size, args.dataloader_num_workers)
+    dataset, train_images, loader, dataset_description, class_names = pixel_training_data(
+        args, accelerator, unet_config["in_channels"], args.label_column if args.class_conditional else None)
+    if class_names is not None:
+        unet_config["num_class_embeds"] = len(class_names)  # a class embedding, used with class_labels=
 
     model = UNet2DModel.from_config(unet_config)
     if args.gradient_checkpointing:
@@ -205,15 +185,7 @@ def main(args):
     # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
-    evaluator = None
-    if args.eval_steps is not None:
-        reference = ReferenceSpec() if args.bundled_demo else ReferenceSpec(
-            args.dataset_name or args.train_data_dir, config_name=args.dataset_config_name, image_column=args.image_column)
-        evaluator = TrainingEvaluator(reference, args.eval_num_samples, args.eval_feature, args.eval_inference_steps[0],
-                                      batch_size=args.train_batch_size, seed=args.seed or 0,
-                                      num_reference=args.eval_num_reference, progress=True)
-        # Pays for the feature network (training the classifier if it is not cached) before the first step.
-        evaluator.prepare(args.resolution, unet_config["in_channels"], accelerator)
+    evaluator = pixel_evaluator(args, unet_config["in_channels"], accelerator, args.eval_inference_steps[0])  # --eval_steps, or None
 
     # --- training ----------------------------------------------------------------------------------------
     progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)
