@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
-from trainer_spies import load_script, run_in_process
+from trainer_runs import load_script, run_in_process
 
 import immiscible_pipeline.hub as hub
 from immiscible_pipeline.diffusers_flags import (TEXT_TO_IMAGE_FLAGS, UNCONDITIONAL_FLAGS, Alias, EveryEpochs,

@@ -2,7 +2,6 @@
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,12 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, DiffusionPipeline
 from safetensors.torch import load_file
 
-from launching import launch_command, launch_environment, run_launched
-from trainer_spies import load_script, run_in_process, spy_on_noise
+from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
 import immiscible_pipeline.hub as hub
 from immiscible_pipeline.consistency import denoise
 
+PROJECT = "train_immiscible_cm"  # its TensorBoard folder
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_cm.py"
 
 
@@ -34,37 +33,12 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
     return make
 
 
-def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
-    result = run_launched(launch_command(processes, SCRIPT, *argv), env=launch_environment(), timeout=600)
-    assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
-    return result
-
-
-def scalars(output_dir) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = (Path(output_dir) / "logs" / "train_immiscible_cm").glob("events.out.tfevents.*")
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    values = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
-    values["images"] = sorted(events.Tags()["images"])
-    return values
-
-
-def summary(output_dir) -> dict:
-    return json.loads((Path(output_dir) / "training_config.json").read_text())
-
-
-def checkpoints(output_dir) -> list:
-    return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
-
-
 # --- launched runs ---------------------------------------------------------------------------------------
 
 def test_launched_run_saves_a_consistency_pipeline_that_plain_diffusers_samples(tmp_path, tiny_args):
     output = tmp_path / "run"
-    launch(tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-                     "--validation_steps", 3, "--random_flip"))
+    launch(SCRIPT, tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                             "--validation_steps", 3, "--random_flip"))
     assert checkpoints(output) == ["checkpoint-4"]
     assert {"unet", "unet_ema", "optimizer.bin", "random_states_0.pkl"} <= {
         path.name for path in (output / "checkpoint-4").iterdir()}
@@ -80,8 +54,9 @@ def test_launched_run_saves_a_consistency_pipeline_that_plain_diffusers_samples(
     from PIL import Image
 
     assert Image.open(output / "samples.png").size == (2 * 64, 4 * 64)
-    assert summary(output)["global_step"] == 4 and summary(output)["final_num_levels"] == 10 * 2**3 + 1  # one stage a step
-    logged = scalars(output)
+    # Fewer steps than curriculum stages: the levels double every step (10 -> 20 -> 40 -> 80).
+    assert summary(output)["global_step"] == 4 and summary(output)["final_num_levels"] == 10 * 2**3 + 1
+    logged = scalars(output, PROJECT)
     assert logged["immiscible/batch_size"] == 4 and {"loss", "lr", "ema_decay"} <= set(logged)
     assert logged["images"] == ["samples_1_step", "samples_2_step"]
 
@@ -90,11 +65,12 @@ def test_two_processes_assign_over_the_global_batch_and_evaluate_one_and_two_ste
                                                                                        monkeypatch):
     output = tmp_path / "run"
     monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
-    launch(tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
-                     "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
-                     "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6), processes=2)
+    launch(SCRIPT, tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
+                             "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
+                             "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6),
+           processes=2)
     assert summary(output)["num_processes"] == 2 and summary(output)["total_batch_size"] == 6
-    logged = scalars(output)
+    logged = scalars(output, PROJECT)
     assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6
     history = [json.loads(line) for line in (output / "eval_history.jsonl").read_text().splitlines()]
     assert [(record["step"], record["num_inference_steps"]) for record in history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
@@ -213,7 +189,8 @@ def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
 def test_data_errors_name_the_culprit(trainer, tmp_path, tiny_args, case):
     argv = tiny_args(tmp_path / "run", "--max_train_steps", 1, "--report_to", "none")
     argv, message = {
-        "label_missing": (argv + ["--class_conditional", "--label_column", "kind"], "--label_column 'kind' is not a column"),
+        "label_missing": (argv + ["--class_conditional", "--label_column", "kind"],
+                          "--label_column 'kind' is not a column"),
         "label_not_classes": (argv + ["--class_conditional", "--label_column", "image"], "not a datasets ClassLabel"),
         "image_column": (argv + ["--image_column", "img"], "--image_column 'img' is not a column"),
         "resolution": (argv + ["--resolution", "7"], "--resolution 7 does not fit the UNet"),

@@ -5,7 +5,6 @@ Launches cost several seconds of imports each, so there are three; the rest runs
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import write_images
-from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
-from trainer_spies import load_script, run_in_process, spy_on_noise
+from launching import interrupt_after_first_step, launch_command, launch_environment
+from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
 import immiscible_pipeline.hub as hub
 import immiscible_pipeline.trainer as shared_trainer
 
+PROJECT = "train_immiscible_ddim"  # its TensorBoard folder
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
 
 
@@ -40,38 +40,12 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
     return make
 
 
-def launch(argv, processes: int = 1) -> subprocess.CompletedProcess:
-    result = run_launched(launch_command(processes, SCRIPT, *argv), env=launch_environment(), timeout=600)
-    assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
-    return result
-
-
-def scalars(output_dir) -> dict:
-    """The last value of every scalar the run logged to TensorBoard."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run,) = (Path(output_dir) / "logs" / "train_immiscible_ddim").glob("events.out.tfevents.*")
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    values = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
-    values["images"] = events.Tags()["images"]
-    return values
-
-
-def summary(output_dir) -> dict:
-    return json.loads((Path(output_dir) / "training_config.json").read_text())
-
-
-def checkpoints(output_dir) -> list:
-    return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
-
-
 # --- launched runs ---------------------------------------------------------------------------------------
 
 def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_path, tiny_args):
     output = tmp_path / "run"
-    launch(tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-                     "--validation_steps", 3, "--use_ema", "--random_flip"))
+    launch(SCRIPT, tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                             "--validation_steps", 3, "--use_ema", "--random_flip"))
     assert checkpoints(output) == ["checkpoint-4"]  # checkpoint-2 rotated away
     assert {"unet", "unet_ema", "optimizer.bin", "random_states_0.pkl"} <= {
         path.name for path in (output / "checkpoint-4").iterdir()}
@@ -82,12 +56,13 @@ def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_
     assert [image.size for image in images] == [(8, 8), (8, 8)] and images[0].mode == "RGB"
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert summary(output)["global_step"] == 4 and summary(output)["num_processes"] == 1
-    logged = scalars(output)
+    logged = scalars(output, PROJECT)
     assert logged["immiscible/batch_size"] == 4 and logged["immiscible/relative_reduction"] >= 0
     assert {"loss", "lr", "immiscible/time_ms", "ema_decay"} <= set(logged) and logged["images"] == ["samples"]
 
-    result = launch(tiny_args(output, "--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-                              "--validation_steps", 3, "--use_ema", "--random_flip", "--resume_from_checkpoint", "latest"))
+    result = launch(SCRIPT, tiny_args(output, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                                      "--checkpoints_total_limit", 1, "--validation_steps", 3, "--use_ema",
+                                      "--random_flip", "--resume_from_checkpoint", "latest"))
     assert f"Resuming from checkpoint {output / 'checkpoint-4'}" in result.stdout + result.stderr
     assert checkpoints(output) == ["checkpoint-6"] and summary(output)["global_step"] == 6
 
@@ -95,11 +70,12 @@ def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_
 def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, tiny_args, monkeypatch):
     output = tmp_path / "run"
     monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
-    launch(tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
-                     "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
-                     "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6), processes=2)
+    launch(SCRIPT, tiny_args(output, "--max_train_steps", 2, "--train_batch_size", 3, "--assignment_scope", "global",
+                             "--checkpointing_steps", 100, "--validation_steps", 100, "--eval_steps", 1,
+                             "--eval_feature", "inception", "--eval_num_samples", 4, "--eval_num_reference", 6),
+           processes=2)
     assert summary(output)["num_processes"] == 2 and summary(output)["total_batch_size"] == 6
-    logged = scalars(output)
+    logged = scalars(output, PROJECT)
     assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6  # both batches as one
     assert isinstance(DiffusionPipeline.from_pretrained(output), DDIMPipeline)
     # FID during training: at every --eval_steps and at the end, once (main process), logged to the tracker.
