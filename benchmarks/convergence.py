@@ -1,49 +1,65 @@
 #!/usr/bin/env python
-"""Convergence benchmark: does immiscible training reach vanilla's FID in fewer steps?
+"""Convergence benchmark: does immiscible training reach vanilla's FID in fewer steps, at which sampler step count?
 
-Trains the same small UNet on the bundled MNIST with vanilla noise ("none"), linear assignment and KNN,
-with identical seeds, data order and hyper-parameters; evaluates FID (and KID) of the EMA weights at a
-schedule of steps with a fixed sample budget; repeats over seeds; writes to --output_dir:
+Trains the same small UNet on the bundled MNIST with vanilla noise ("none"), linear assignment and KNN for a
+list of k ("knn4", "knn8", ...), with identical seeds, data order and hyper-parameters, as a DDIM model
+(`--family ddim`, the loop of train_immiscible_ddim.py) or a consistency model (`--family cm`, the loop of
+train_immiscible_cm.py); evaluates FID (and KID) of the EMA weights at each of several sampler step counts on
+a schedule that is denser early and holds every doubling of the steps; repeats over seeds; writes to
+--output_dir (default docs/convergence/<family>, committed, so that later sessions reuse finished runs):
 
-    results.md      FID per step per method (mean +- std over seeds), steps each method needs to reach
-                    vanilla's final FID and the speed-up ratio with its spread, wall-clock per step
-    fid_vs_steps.png
+    results.md      per sampler step count: FID per step per method (mean ± std over seeds), steps each method
+                    needs to reach vanilla's final FID and the speed-up with its spread, and whether vanilla
+                    converged (FID improved < 10% over the last doubling of the steps); wall-clock per step
+    fid_vs_steps.png  one panel per sampler step count
     results.json    every curve, timing and setting
-    runs/*.json     one file per (method, seed); a re-run with the same settings reuses finished runs
+    runs/*.json     one file per (method, k, seed, settings); a re-run with the same settings reuses them
 
-    python benchmarks/convergence.py                       # the full benchmark, ~1 hour on a 2-core CPU
-    python benchmarks/convergence.py --smoke               # a few steps, one seed, tiny evaluation
+    python benchmarks/convergence.py --family ddim          # the full DDIM benchmark (hours on a 2-core CPU)
+    python benchmarks/convergence.py --family cm            # the full consistency-model benchmark
+    python benchmarks/convergence.py --family cm --smoke    # a few steps, one seed, tiny model and evaluation
 
-Setting (defaults): MNIST 50k at 16 x 16, 1 channel; the trainer's MNIST UNet preset (channels 32-64-64, one
-layer per block, attention at 8 x 8); batch 128; AdamW 3e-4 (betas 0.95/0.999, weight decay 1e-6), 100
-warm-up steps then constant (a decaying schedule would make every method converge at the same place by
-construction); gradient clipping 1.0; EMA with warm-up (inv_gamma 1, power 3/4, max decay 0.9999) evaluated;
-1000 DDPM steps, linear betas, epsilon prediction; 1000 steps, FID every 250 steps on 1000 DDIM-25 samples
-against 10,000 training digits, with the 128-d features of a classifier trained on MNIST (its accuracy is
-reported); KNN with k = 8; 3 seeds.
+Settings (defaults). Both: MNIST 50k at 16 x 16, 1 channel; the trainer's MNIST UNet preset (channels 32-64-64,
+one layer per block, attention at 8 x 8); batch 64; 100 warm-up steps then a constant learning rate (a decaying
+schedule would make every method converge at the same place by construction); gradient clipping 1.0; EMA with
+warm-up (inv_gamma 1, power 3/4, max decay 0.9999) evaluated; 4000 steps; FID against 10,000 training digits
+with the 128-d features of a classifier trained on MNIST (its accuracy is reported); 3 seeds.
+- ddim: AdamW 3e-4 (betas 0.95/0.999, weight decay 1e-6); 1000 DDPM steps, linear betas, epsilon prediction;
+  FID of 1000 DDIM samples at 5, 10, 25 and 50 steps; KNN k = 8 (the papers' k for DDIM).
+- cm: train_immiscible_cm.py's MNIST demo: AdamW 1e-3 (betas 0.9/0.999, no weight decay), dropout 0; improved
+  consistency training (pseudo-Huber, log-normal levels, the same noise at both levels, stop-gradient target)
+  with the curriculum 10 -> 1280 levels spread over the run's steps; FID of 2000 samples at 1 and 2 steps
+  (`ConsistencyModelPipeline` with the recipe's stock scheduler); KNN k = 4 (the papers' k for CM).
+  The curriculum depends on the run's total steps, so runs of another length train on another curriculum:
+  their curves are not prefixes of each other.
 
-How steps-to-target is read: the target is vanilla's final FID of the same seed (same initial weights and
-data order); a run reaches it at the first evaluation where FID <= target, linearly interpolated from the
-previous evaluation. Speed-up = vanilla's steps / the method's steps, per seed; a run that never reaches
-the target is reported as such and left out of the ratio. A second table gives every seed a ratio: for a run
-that ends worse than vanilla, the steps vanilla needed to reach that run's final FID / the run's steps (a
-slow-down below 1).
+How steps-to-target is read (per sampler step count): the target is vanilla's final FID of the same seed (same
+initial weights and data order); a run reaches it at the first evaluation where FID <= target, linearly
+interpolated from the previous evaluation. Speed-up = vanilla's steps / the method's steps, per seed; a run
+that never reaches the target is reported as such and left out of the ratio. A second table gives every seed a
+ratio: for a run that ends worse than vanilla, the steps vanilla needed to reach that run's final FID / the
+run's steps (a slow-down below 1). Converged? compares vanilla's mean FID at the end with its mean FID at half
+the steps: converged when it improved by less than 10% over that last doubling.
 
 Two ways to train (--backend):
-- "loop" (default): a short in-process copy of `train_immiscible_ddim.py`'s loop (same data pipeline, loss,
-  EMA and optimiser, built on the library), timing every step and the noise call inside it;
-- "script": the real trainer, `train_immiscible_ddim.py --eval_steps ...` in a subprocess per run, its FID
-  curve read from `eval_history.jsonl` and its timings from the tensorboard events it logs (the wall time
-  between consecutive steps, and the assignment's own `immiscible/time_ms`).
+- "loop" (default): a short in-process copy of the trainer's loop (same data order, loss, EMA and optimiser,
+  built on the library), timing every step and the noise call inside it;
+- "script": the real trainer (train_immiscible_ddim.py or train_immiscible_cm.py with --eval_steps) in a
+  subprocess per run, its FID curve read from `eval_history.jsonl` and its timings from the tensorboard events
+  it logs. The trainers evaluate every --eval_every steps only (no denser early points) with their own
+  evaluation seed, and train_immiscible_ddim.py evaluates at one sampler step count per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
+import math
 import os
-import glob
+import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -58,42 +74,82 @@ sys.path.insert(0, REPO)
 
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from immiscible_pipeline.classifier import ClassifierTraining  # noqa: E402
+from immiscible_pipeline.consistency import ConsistencyRecipe, consistency_loss  # noqa: E402
 from immiscible_pipeline.data import ImageTransform, TrainImages, load_mnist, sample_seed  # noqa: E402
 from immiscible_pipeline.evaluation import TrainingEvaluator  # noqa: E402
 from immiscible_pipeline.pixel_unet import MNIST_UNET  # noqa: E402
 from immiscible_pipeline.training import averaged_weights, diffusion_loss  # noqa: E402
 
+FAMILIES = ("ddim", "cm")
 METHODS = ("none", "linear", "knn")
+CONVERGED_BELOW = 0.10  # converged: vanilla's FID improved by less than this fraction over the last doubling
 SMOKE_UNET = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
               "block_out_channels": (8, 16), "down_block_types": ("DownBlock2D", "DownBlock2D"),
               "up_block_types": ("UpBlock2D", "UpBlock2D"), "norm_num_groups": 4}
+# What differs between the families by default (the rest of Settings is shared).
+FAMILY_DEFAULTS = {
+    "ddim": {"learning_rate": 3e-4, "adam_beta1": 0.95, "weight_decay": 1e-6, "eval_every": 1000,
+             "eval_samples": 1000, "eval_inference_steps": [5, 10, 25, 50], "knn_k": [8]},
+    "cm": {"learning_rate": 1e-3, "adam_beta1": 0.9, "weight_decay": 0.0, "eval_every": 500,
+           "eval_samples": 2000, "eval_inference_steps": [1, 2], "knn_k": [4]},
+}
+TRAINERS = {"ddim": "train_immiscible_ddim.py", "cm": "train_immiscible_cm.py"}
 
 
 @dataclass
 class Settings:
-    steps: int = 1000
-    eval_every: int = 250
-    batch_size: int = 128
+    family: str = "ddim"
+    steps: int = 4000
+    eval_every: int = 1000
+    batch_size: int = 64
     learning_rate: float = 3e-4
+    adam_beta1: float = 0.95
+    weight_decay: float = 1e-6
     warmup_steps: int = 100
-    knn_k: int = 8
     eval_samples: int = 1000
-    eval_inference_steps: int = 25
+    eval_inference_steps: list = field(default_factory=lambda: [5, 10, 25, 50])
     num_reference: int = 10_000
     train_images: int | None = None  # None: all 50,000
     unet: dict = field(default_factory=lambda: dict(MNIST_UNET))
     classifier: dict = field(default_factory=lambda: asdict(ClassifierTraining()))
+    recipe: dict | None = None  # cm: the ConsistencyRecipe's fields
 
     def eval_steps(self) -> list[int]:
-        steps = list(range(self.eval_every, self.steps + 1, self.eval_every))
-        return steps if steps and steps[-1] == self.steps else steps + [self.steps]
+        """Every `eval_every` steps, plus every halving of the run down to 1/16 of it (250, 500, 1000, 2000,
+        4000 for 4000 steps): dense early, and the half-way point the converged? check compares with."""
+        regular = set(range(self.eval_every, self.steps + 1, self.eval_every))
+        halvings, step = set(), self.steps
+        while step >= max(2, self.steps / 16):
+            halvings.add(step)
+            step //= 2
+        return sorted(regular | halvings | {self.steps})
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def method_names(methods: list[str], knn_k: list[int]) -> list[str]:
+    """Run names: "none", "linear", and "knn<k>" for each k of a plain "knn" (an explicit "knn4" is kept)."""
+    names = []
+    for method in methods:
+        for name in ([f"knn{k}" for k in knn_k] if method == "knn" else [method]):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def parse_method(name: str) -> tuple[str, int]:
+    """("knn", 4) for "knn4"; (method, 1) for "none" and "linear"."""
+    match = re.fullmatch(r"knn(\d+)", name)
+    if match:
+        return "knn", int(match.group(1))
+    if name not in ("none", "linear"):
+        raise ValueError(f"unknown method {name!r}: use none, linear, knn (with --knn_k) or knn<k> such as knn4")
+    return name, 1
+
+
 def mnist_tensor(settings: Settings) -> torch.Tensor:
-    """The training images as the trainer's data pipeline makes them ([-1, 1], centre crop, no flip). The
+    """The training images as the trainers' data pipeline makes them ([-1, 1], centre crop, no flip). The
     transform is deterministic, so it is applied once here instead of per batch."""
     dataset = load_mnist("train")
     if settings.train_images is not None:
@@ -112,26 +168,74 @@ def batches(images: torch.Tensor, batch_size: int, seed: int):
         epoch += 1
 
 
-def train_run(method: str, seed: int, settings: Settings, images: torch.Tensor, evaluator: TrainingEvaluator,
+# --- the two families' losses and samplers ------------------------------------------------------------------
+
+class DDIMObjective:
+    """train_immiscible_ddim.py's loss (epsilon prediction on 1000 linear-beta DDPM steps) and its DDIMPipeline."""
+
+    def __init__(self, settings: Settings):
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                             prediction_type="epsilon")
+
+    def loss(self, model, clean, noise, step_index: int):
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],))
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        return diffusion_loss(self.noise_scheduler, model(noisy, timesteps).sample, clean, noise, timesteps)
+
+    def pipeline(self, model):
+        from diffusers import DDIMPipeline, DDIMScheduler
+
+        return DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config))
+
+
+class ConsistencyObjective:
+    """train_immiscible_cm.py's loss (improved consistency training, one noise for both levels) and its
+    ConsistencyModelPipeline with the recipe's stock scheduler."""
+
+    def __init__(self, settings: Settings):
+        self.recipe = ConsistencyRecipe(**settings.recipe)
+        self.scheduler = self.recipe.scheduler()
+        self.total_steps = settings.steps  # the curriculum spans the run
+
+    def loss(self, model, clean, noise, step_index: int):
+        sigma_low, sigma_high = self.recipe.sample_sigmas(clean.shape[0], step_index, self.total_steps, clean.device)
+        return consistency_loss(model, clean, noise, sigma_low, sigma_high, self.scheduler, self.recipe,
+                                target_model=model)
+
+    def pipeline(self, model):
+        from diffusers import ConsistencyModelPipeline
+
+        return ConsistencyModelPipeline(unet=model, scheduler=self.scheduler)
+
+
+OBJECTIVES = {"ddim": DDIMObjective, "cm": ConsistencyObjective}
+
+
+def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, evaluator: TrainingEvaluator,
               log=print) -> dict:
-    """One training run; returns its FID curve and per-step timings."""
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+    """One training run in this process; returns its FID curve per sampler step count and per-step timings."""
+    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    method, k = parse_method(name)
     torch.manual_seed(seed)  # the same initial weights for every method
     model = UNet2DModel.from_config(settings.unet)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
                    model_cls=UNet2DModel, model_config=model.config)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.95, 0.999),
-                                  weight_decay=1e-6, eps=1e-8)
+    objective = OBJECTIVES[settings.family](settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(settings.adam_beta1, 0.999),
+                                  weight_decay=settings.weight_decay, eps=1e-8)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=settings.warmup_steps,
                                  num_training_steps=settings.steps)
-    immiscible = ImmiscibleNoise(method=method, k=settings.knn_k)
-    torch.manual_seed(seed + 1)  # noise and timesteps: the same stream for every method (KNN draws more of it)
+    immiscible = ImmiscibleNoise(method=method, k=k)
+    torch.manual_seed(seed + 1)  # noise and levels: the same stream for every method (KNN draws more of it)
     eval_at = set(settings.eval_steps())
-    curve, step_ms, noise_ms, losses = [], [], [], []
+    report_every = max(1, settings.steps // 10)
+    curves = {str(n): [] for n in settings.eval_inference_steps}
+    step_ms, noise_ms, losses = [], [], []
     data = batches(images, settings.batch_size, seed)
     model.train()
     started = time.perf_counter()
@@ -140,9 +244,7 @@ def train_run(method: str, seed: int, settings: Settings, images: torch.Tensor, 
         t0 = time.perf_counter()
         noise = immiscible(clean)  # Immiscible Diffusion: the noise assigned to this batch
         t1 = time.perf_counter()
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],))
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        loss = diffusion_loss(noise_scheduler, model(noisy, timesteps).sample, clean, noise, timesteps)
+        loss = objective.loss(model, clean, noise, step - 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -153,19 +255,62 @@ def train_run(method: str, seed: int, settings: Settings, images: torch.Tensor, 
         step_ms.append(1000 * (t2 - t0))
         noise_ms.append(1000 * (t1 - t0))
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{name} seed {seed}: the loss is {losses[-1]} at step {step}")
+        if step % report_every == 0 and step not in eval_at:
+            median = statistics.median(step_ms[-report_every:])
+            log(f"  {name:6s} seed {seed} step {step:5d}/{settings.steps}: loss {np.mean(losses[-50:]):.4f}, "
+                f"{median:.0f} ms/step, about {median * (settings.steps - step) / 60000:.0f} min of training left")
         if step in eval_at:
-            pipeline = DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+            pipeline = objective.pipeline(model)
+            eval_start = time.perf_counter()
             with averaged_weights(model.parameters(), ema):
-                metrics = evaluator(pipeline)
-            curve.append({"step": step, **metrics, "loss": float(np.mean(losses[-50:]))})
-            log(f"  {method:6s} seed {seed} step {step:5d}: FID {metrics['fid']:.3f}  KID {metrics['kid_mean']:.5f}"
-                f"  loss {curve[-1]['loss']:.4f}  ({time.perf_counter() - started:.0f} s)")
-    return {"method": method, "seed": seed, "curve": curve, "step_ms_median": statistics.median(step_ms),
+                for n in settings.eval_inference_steps:
+                    metrics = evaluator(pipeline, num_inference_steps=n)
+                    curves[str(n)].append({"step": step, **metrics, "loss": float(np.mean(losses[-50:]))})
+            model.train()
+            fids = ", ".join(f"{n} step{'s' if n > 1 else ''} {curves[str(n)][-1]['fid']:.3f}"
+                             for n in settings.eval_inference_steps)
+            log(f"  {name:6s} seed {seed} step {step:5d}/{settings.steps}: FID {fids}; loss {np.mean(losses[-50:]):.4f}"
+                f" (evaluation {time.perf_counter() - eval_start:.0f} s, run {time.perf_counter() - started:.0f} s)")
+    return {"method": name, "seed": seed, "curves": curves, "step_ms_median": statistics.median(step_ms),
             "noise_ms_median": statistics.median(noise_ms), "train_seconds": sum(step_ms) / 1000,
             "wall_seconds": time.perf_counter() - started}
 
 
-def train_run_script(method: str, seed: int, settings: Settings, run_dir: str, cache_dir: str | None,
+# --- the real trainers (--backend script) -----------------------------------------------------------------------
+
+def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_config: str) -> list[str]:
+    """The trainer's command line for this run (the same settings as the loop, as the trainer's flags)."""
+    method, k = parse_method(name)
+    if settings.family == "ddim" and len(settings.eval_inference_steps) > 1:
+        raise ValueError("--backend script: train_immiscible_ddim.py evaluates at one sampler step count; give one "
+                         "--eval_inference_steps (or use --backend loop)")
+    never = str(10 * settings.steps)
+    command = [sys.executable, os.path.join(REPO, TRAINERS[settings.family]), "--output_dir", run_dir,
+               "--seed", str(seed), "--immiscible", method, "--immiscible_k", str(k),
+               "--model_config_name_or_path", unet_config, "--train_batch_size", str(settings.batch_size),
+               "--max_train_steps", str(settings.steps), "--learning_rate", str(settings.learning_rate),
+               "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(settings.warmup_steps),
+               "--adam_beta1", str(settings.adam_beta1), "--adam_weight_decay", str(settings.weight_decay),
+               "--use_ema", "--eval_steps", str(settings.eval_every), "--eval_feature", "classifier",
+               "--eval_num_samples", str(settings.eval_samples), "--eval_num_reference", str(settings.num_reference),
+               "--eval_inference_steps", *map(str, settings.eval_inference_steps),
+               "--checkpointing_steps", never, "--validation_steps", never, "--report_to", "tensorboard"]
+    if settings.family == "cm":
+        recipe = settings.recipe
+        command += ["--dropout", str(settings.unet.get("dropout", 0.0)), "--loss", recipe["loss"],
+                    "--curriculum_start", str(recipe["curriculum_start"]),
+                    "--curriculum_end", str(recipe["curriculum_end"]), "--p_mean", str(recipe["p_mean"]),
+                    "--p_std", str(recipe["p_std"]), "--sigma_min", str(recipe["sigma_min"]),
+                    "--sigma_max", str(recipe["sigma_max"]), "--sigma_data", str(recipe["sigma_data"]),
+                    "--rho", str(recipe["rho"])]
+        if recipe["huber_c"] is not None:
+            command += ["--huber_c", str(recipe["huber_c"])]
+    return command
+
+
+def train_run_script(name: str, seed: int, settings: Settings, run_dir: str, cache_dir: str | None,
                      log=print) -> dict:
     """The same run through the real trainer (a subprocess); returns what `train_run` returns."""
     if settings.train_images is not None:
@@ -177,28 +322,31 @@ def train_run_script(method: str, seed: int, settings: Settings, run_dir: str, c
     history = os.path.join(run_dir, "eval_history.jsonl")
     if os.path.exists(history):
         os.remove(history)  # a half-finished earlier attempt
-    never = str(10 * settings.steps)
-    command = [sys.executable, os.path.join(REPO, "train_immiscible_ddim.py"), "--output_dir", run_dir,
-               "--seed", str(seed), "--immiscible", method, "--immiscible_k", str(settings.knn_k),
-               "--model_config_name_or_path", unet_config, "--train_batch_size", str(settings.batch_size),
-               "--max_train_steps", str(settings.steps), "--learning_rate", str(settings.learning_rate),
-               "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(settings.warmup_steps),
-               "--use_ema", "--eval_steps", str(settings.eval_every), "--eval_feature", "classifier",
-               "--eval_num_samples", str(settings.eval_samples), "--eval_inference_steps",
-               str(settings.eval_inference_steps), "--eval_num_reference", str(settings.num_reference),
-               "--checkpointing_steps", never, "--validation_steps", never, "--report_to", "tensorboard"]
+    command = script_command(name, seed, settings, run_dir, unet_config)
     env = dict(os.environ, **({"IMMISCIBLE_CACHE": cache_dir} if cache_dir else {}))
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, cwd=REPO)
-    with open(history) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    curve = [{"step": r["step"], "fid": r["fid"], "kid_mean": r["kid_mean"], "kid_std": r["kid_std"]} for r in records]
-    for point in curve:
-        log(f"  {method:6s} seed {seed} step {point['step']:5d}: FID {point['fid']:.3f}  KID {point['kid_mean']:.5f}")
+    curves = read_history(history, settings.eval_inference_steps[0])
+    for n, curve in curves.items():
+        for point in curve:
+            log(f"  {name:6s} seed {seed} step {point['step']:5d}, {n} sampler steps: FID {point['fid']:.3f}")
     step_ms, assign_ms = tensorboard_timings(run_dir)
-    return {"method": method, "seed": seed, "curve": curve, "step_ms_median": step_ms, "noise_ms_median": assign_ms,
+    return {"method": name, "seed": seed, "curves": curves, "step_ms_median": step_ms, "noise_ms_median": assign_ms,
             "timing_source": "tensorboard: wall time between logged steps; immiscible/time_ms (assignment only)",
             "wall_seconds": time.perf_counter() - started}
+
+
+def read_history(path: str, default_steps: int) -> dict:
+    """eval_history.jsonl as {sampler steps: curve}; a line without num_inference_steps (the DDIM trainer)
+    belongs to `default_steps`."""
+    curves: dict[str, list] = {}
+    with open(path) as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                n = str(record.get("num_inference_steps", default_steps))
+                curves.setdefault(n, []).append({key: record[key] for key in ("step", "fid", "kid_mean", "kid_std")})
+    return curves
 
 
 def tensorboard_timings(run_dir: str) -> tuple[float, float]:
@@ -240,6 +388,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
+    """Steps-to-target and speed-ups of runs with one FID curve each (`run["curve"]`)."""
     by = {(r["method"], r["seed"]): r for r in runs}
     steps = [p["step"] for p in by[(methods[0], seeds[0])]["curve"]]
     fid = {m: {s: [p["fid"] for p in by[(m, s)]["curve"]] for s in seeds} for m in methods}
@@ -268,163 +417,325 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
             "equal_fid": equal_fid, "timing": timing}
 
 
-def markdown(summary: dict, runs: list[dict], methods: list[str], seeds: list[int], settings: Settings,
+def value_at(steps: list[int], values: list[float], step: float) -> float | None:
+    """The curve at `step` (linear interpolation between evaluations); None outside the evaluated range."""
+    if not steps or step < steps[0] or step > steps[-1]:
+        return None
+    return float(np.interp(step, steps, values))
+
+
+def convergence_check(steps: list[int], fids: list[float], threshold: float = CONVERGED_BELOW) -> dict:
+    """Did the FID curve level off? Its relative improvement over the last doubling of the steps,
+    1 - FID(end) / FID(end / 2), against `threshold`; also over the doubling before (the trend), when evaluated.
+    A curve that got worse over the last doubling counts as converged (improvement <= 0)."""
+    end = steps[-1]
+    half, quarter = value_at(steps, fids, end / 2), value_at(steps, fids, end / 4)
+    result = {"end_step": end, "fid_end": fids[-1], "fid_half": half, "fid_quarter": quarter,
+              "improvement": None, "previous_improvement": None, "converged": None, "threshold": threshold}
+    if half is None or not all(math.isfinite(v) for v in (half, fids[-1])):
+        return result
+    result["improvement"] = 1 - fids[-1] / half
+    result["converged"] = result["improvement"] < threshold
+    if quarter is not None and math.isfinite(quarter):
+        result["previous_improvement"] = 1 - half / quarter
+    return result
+
+
+def describe_convergence(check: dict) -> str:
+    """One line: converged? with the numbers behind it."""
+    if check["improvement"] is None:
+        return f"converged? unknown: no evaluation at half the run's {check['end_step']} steps"
+    verdict = "yes" if check["converged"] else "no"
+    line = (f"converged? {verdict}: vanilla's mean FID {check['fid_half']:.3g} at step {check['end_step'] / 2:g} -> "
+            f"{check['fid_end']:.3g} at step {check['end_step']}, {100 * check['improvement']:+.1f}% over the last "
+            f"doubling (criterion: < {100 * check['threshold']:.0f}%)")
+    if check["previous_improvement"] is not None:
+        line += f"; {100 * check['previous_improvement']:+.1f}% over the doubling before"
+    if not check["converged"]:
+        line += (f"; the budget stopped it {100 * (check['improvement'] - check['threshold']):.1f} points above "
+                 "the criterion")
+    return line
+
+
+def curve_view(runs: list[dict], sampler_steps: int) -> list[dict]:
+    """The runs with `curve` = their curve at this sampler step count (for `summarise`)."""
+    return [{**run, "curve": run["curves"][str(sampler_steps)]} for run in runs]
+
+
+def summarise_by_sampler(runs: list[dict], methods: list[str], seeds: list[int], sampler_steps: list[int]) -> dict:
+    """{sampler steps: summarise(...) of that step count's curves, with vanilla's mean curve's converged? check}."""
+    result = {}
+    for n in sampler_steps:
+        summary = summarise(curve_view(runs, n), methods, seeds)
+        if "none" in methods:
+            mean_curve = [statistics.mean(summary["fid"]["none"][s][i] for s in seeds)
+                          for i in range(len(summary["steps"]))]
+            summary["converged"] = convergence_check(summary["steps"], mean_curve)
+            summary["converged_per_seed"] = {s: convergence_check(summary["steps"], summary["fid"]["none"][s])
+                                             for s in seeds}
+        result[n] = summary
+    return result
+
+
+# --- writing it up --------------------------------------------------------------------------------------------
+
+def machine() -> str:
+    """CPU model and torch threads, named next to every timing."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            model = f"{names[0]} ({len(names)} logical CPUs)"
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads"
+
+
+def sampler_name(family: str, n: int) -> str:
+    return f"DDIM-{n}" if family == "ddim" else f"{n}-step consistency sampling"
+
+
+def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[int], settings: Settings,
              classifier_accuracy: float | None, wall_minutes: float, backend: str = "loop") -> str:
-    by = {(r["method"], r["seed"]): r for r in runs}
-    lines = [f"FID of the EMA weights (classifier features{'' if classifier_accuracy is None else f', classifier test accuracy {classifier_accuracy:.4f}'}; "
-             f"{settings.eval_samples} DDIM-{settings.eval_inference_steps} samples vs {settings.num_reference} "
-             f"training digits), mean ± std over {len(seeds)} seed(s) {seeds}:", "",
-             "| step | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for i, step in enumerate(summary["steps"]):
-        lines.append(f"| {step} | " + " | ".join(mean_std([summary['fid'][m][s][i] for s in seeds]) for m in methods) + " |")
-    final_kid = {m: [by[(m, s)]["curve"][-1]["kid_mean"] for s in seeds] for m in methods}
-    lines.append("| KID (final) | " + " | ".join(mean_std(final_kid[m]) for m in methods) + " |")
-    if summary["reach"]:
-        lines += ["", "Steps to reach vanilla's final FID (per seed: that seed's vanilla run), and the speed-up "
-                      "vanilla steps / method steps:", "",
-                  "| method | steps per seed | speed-up (mean ± std) | seeds not reaching it |", "|---|---|---|---|"]
-        for m in methods:
-            per_seed = ", ".join("never" if summary["reach"][m][s] is None else f"{summary['reach'][m][s]:.0f}"
-                                 for s in seeds)
-            lines.append(f"| {m} | {per_seed} | {mean_std(summary['ratio'][m])} | "
-                         f"{len(summary['unreached'][m])} / {len(seeds)} |")
-        lines += ["", "Speed-up at equal FID for every seed, slow-downs included: where the method reaches "
-                      "vanilla's final FID, as above; where it does not, the steps vanilla needed to reach the "
-                      "method's final FID / the method's steps:", "",
-                  "| method | per seed | mean ± std |", "|---|---|---|"]
-        for m in methods:
-            values = summary["equal_fid"][m]
-            lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} |")
-    base = summary["timing"].get("none", {}).get("step_ms")
+    accuracy = "" if classifier_accuracy is None else f", classifier test accuracy {classifier_accuracy:.4f}"
+    lines = [f"# Convergence benchmark: {settings.family} ({'DDIM' if settings.family == 'ddim' else 'consistency model'})",
+             "", f"FID of the EMA weights (classifier features{accuracy}; {settings.eval_samples} samples vs "
+             f"{settings.num_reference} training digits), mean ± std over {len(seeds)} seed(s) {seeds}, at each "
+             f"sampler step count {settings.eval_inference_steps}.", ""]
+    converged = [f"- {sampler_name(settings.family, n)}: {describe_convergence(s['converged'])}"
+                 for n, s in summaries.items() if "converged" in s]
+    if converged:
+        lines += ["Did vanilla converge (FID improved by less than 10% over the last doubling of the steps)?", "",
+                  *converged, ""]
+    for n, summary in summaries.items():
+        by = {(r["method"], r["seed"]): r for r in curve_view(runs, n)}
+        lines += [f"## {sampler_name(settings.family, n)}", "", "| step | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for i, step in enumerate(summary["steps"]):
+            lines.append(f"| {step} | " + " | ".join(mean_std([summary['fid'][m][s][i] for s in seeds])
+                                                    for m in methods) + " |")
+        final_kid = {m: [by[(m, s)]["curve"][-1]["kid_mean"] for s in seeds] for m in methods}
+        lines.append("| KID (final) | " + " | ".join(mean_std(final_kid[m]) for m in methods) + " |")
+        if summary["reach"]:
+            lines += ["", "Steps to reach vanilla's final FID (per seed: that seed's vanilla run), and the speed-up "
+                          "vanilla steps / method steps:", "",
+                      "| method | steps per seed | speed-up (mean ± std) | seeds not reaching it |", "|---|---|---|---|"]
+            for m in methods:
+                per_seed = ", ".join("never" if summary["reach"][m][s] is None else f"{summary['reach'][m][s]:.0f}"
+                                     for s in seeds)
+                lines.append(f"| {m} | {per_seed} | {mean_std(summary['ratio'][m])} | "
+                             f"{len(summary['unreached'][m])} / {len(seeds)} |")
+            lines += ["", "Speed-up at equal FID for every seed, slow-downs included: where the method reaches "
+                          "vanilla's final FID, as above; where it does not, the steps vanilla needed to reach the "
+                          "method's final FID / the method's steps:", "",
+                      "| method | per seed | mean ± std |", "|---|---|---|"]
+            for m in methods:
+                values = summary["equal_fid"][m]
+                lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} |")
+        if "converged" in summary:
+            per_seed = ", ".join("-" if c["improvement"] is None else f"{100 * c['improvement']:+.1f}%"
+                                 for c in summary["converged_per_seed"].values())
+            lines += ["", describe_convergence(summary["converged"]) + f" (per seed: {per_seed})."]
+        lines.append("")
+    timing = next(iter(summaries.values()))["timing"]
+    base = timing.get("none", {}).get("step_ms")
     timed = "noise call" if backend == "loop" else "assignment"
     source = ("in-process loop, runs interleaved by seed" if backend == "loop" else
-              "train_immiscible_ddim.py, from its tensorboard events; the assignment excludes drawing the noise")
-    lines += ["", f"Wall-clock per training step (medians over steps, then over seeds; {source}):", "",
+              f"{TRAINERS[settings.family]}, from its tensorboard events; the assignment excludes drawing the noise")
+    lines += [f"Wall-clock per training step (medians over steps, then over seeds; {source}; {machine()}):", "",
               f"| method | step (ms) | {timed} (ms) | {timed} share of the step | step vs none |", "|---|---|---|---|---|"]
     for m in methods:
-        t = summary["timing"][m]
+        t = timing[m]
         versus = f"{t['step_ms'] / base:.3f}x" if base else "-"
         lines.append(f"| {m} | {t['step_ms']:.1f} | {t['noise_ms']:.2f} | {100 * t['noise_ms'] / t['step_ms']:.2f}% "
                      f"| {versus} |")
     unet = settings.unet
     lines += ["", f"Setting: MNIST {settings.train_images or 50000} images at {unet['sample_size']} px; UNet "
-                  f"{tuple(unet['block_out_channels'])}, {unet['layers_per_block']} layer(s) per block; batch "
-                  f"{settings.batch_size}; AdamW {settings.learning_rate:g}, {settings.warmup_steps} warm-up steps then "
-                  f"constant; EMA with warm-up; {settings.steps} steps, FID every {settings.eval_every}; KNN k = "
-                  f"{settings.knn_k}. Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
+                  f"{tuple(unet['block_out_channels'])}, {unet['layers_per_block']} layer(s) per block"
+                  f"{', dropout ' + str(unet.get('dropout', 0.0)) if settings.family == 'cm' else ''}; batch "
+                  f"{settings.batch_size}; AdamW {settings.learning_rate:g} (beta1 {settings.adam_beta1:g}, weight decay "
+                  f"{settings.weight_decay:g}), {settings.warmup_steps} warm-up steps then constant; EMA with "
+                  f"warm-up; {settings.steps} steps, FID at steps {settings.eval_steps() if backend == 'loop' else 'every ' + str(settings.eval_every)}."]
+    if settings.family == "cm":
+        recipe = ConsistencyRecipe(**settings.recipe)
+        lines += ["", f"Consistency training: {recipe.loss} loss, curriculum {recipe.curriculum_start} -> "
+                      f"{recipe.curriculum_end} levels over the run's {settings.steps} steps (doubling every "
+                      f"{max(1, settings.steps // (math.floor(math.log2(recipe.curriculum_end / recipe.curriculum_start)) + 1))}"
+                      f" steps), log-normal levels ({recipe.p_mean:g}, {recipe.p_std:g}), sigma in "
+                      f"[{recipe.sigma_min:g}, {recipe.sigma_max:g}]. The curriculum depends on the total steps: a "
+                      "run with another horizon trains on another curriculum, so these curves are not the first part "
+                      "of a longer run's, and a longer run's FID at the same step can differ."]
+    lines += ["", f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
                   f"{sum(r['wall_seconds'] for r in runs) / 60:.1f} min; of this invocation: {wall_minutes:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, methods: list[str], seeds: list[int], path: str) -> None:
+def plot(summaries: dict, methods: list[str], seeds: list[int], family: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    steps = np.array(summary["steps"])
-    for m in methods:
-        values = np.array([summary["fid"][m][s] for s in seeds])  # [seeds, evals]
-        mean = values.mean(0)
-        ax.plot(steps, mean, marker="o", label=f"{m} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-        if len(seeds) > 1:
-            std = values.std(0, ddof=1)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FID (classifier features)")
-    ax.set_yscale("log")
-    ax.set_title("FID vs steps, mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(summaries), figsize=(4.6 * len(summaries), 4.2), squeeze=False)
+    for ax, (n, summary) in zip(axes[0], summaries.items()):
+        steps = np.array(summary["steps"])
+        for m in methods:
+            values = np.array([summary["fid"][m][s] for s in seeds])  # [seeds, evals]
+            mean = values.mean(0)
+            ax.plot(steps, mean, marker="o", markersize=3, label=f"{m} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+            if len(seeds) > 1:
+                std = values.std(0, ddof=1)
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(sampler_name(family, n))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("FID (classifier features)")
+    axes[0][0].legend()
+    fig.suptitle(f"{family}: FID vs steps, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# --- command line ---------------------------------------------------------------------------------------------
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--family", choices=FAMILIES, default="ddim",
+                        help="ddim: train_immiscible_ddim.py's loss and DDIM sampling; cm: train_immiscible_cm.py's "
+                             "consistency training and 1- / 2-step sampling")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="none, linear, knn (one run per --knn_k) or knn<k> such as knn4")
+    parser.add_argument("--knn_k", type=int, nargs="+", default=None, help="k of knn (default: 8 for ddim, 4 for cm)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 1000)")
-    parser.add_argument("--eval_every", type=int, default=None, help="evaluate every N steps (default 250)")
-    parser.add_argument("--eval_samples", type=int, default=None, help="samples per evaluation (default 1000)")
-    parser.add_argument("--eval_inference_steps", type=int, default=None, help="DDIM steps (default 25)")
-    parser.add_argument("--batch_size", type=int, default=None, help="default 128")
-    parser.add_argument("--knn_k", type=int, default=None, help="default 8")
-    parser.add_argument("--output_dir", default="benchmark-results/convergence")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 4000)")
+    parser.add_argument("--eval_every", type=int, default=None,
+                        help="evaluate every N steps, besides every halving of the run down to 1/16 of it "
+                             "(default: 1000 for ddim, 500 for cm)")
+    parser.add_argument("--eval_samples", type=int, default=None,
+                        help="samples per evaluation (default: 1000 for ddim, 2000 for cm)")
+    parser.add_argument("--eval_inference_steps", type=int, nargs="+", default=None,
+                        help="sampler step counts, one FID each per evaluation (default: 5 10 25 50 for ddim, 1 2 for cm)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default 64")
+    parser.add_argument("--learning_rate", type=float, default=None, help="default: 3e-4 for ddim, 1e-3 for cm")
+    parser.add_argument("--output_dir", default=None, help="default docs/convergence/<family> (kept in git)")
+    parser.add_argument("--work_dir", default=None, help="--backend script: the trainers' output folders "
+                                                         "(default benchmark-results/convergence-work/<family>)")
     parser.add_argument("--cache_dir", default=None, help="classifier / reference-feature cache (default: the "
                                                           "package's, $IMMISCIBLE_CACHE or ~/.cache/immiscible_pipeline)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--backend", choices=("loop", "script"), default="loop",
                         help="loop: the in-process copy of the trainer's loop (times every step); script: the real "
-                             "train_immiscible_ddim.py with --eval_steps, one subprocess per run")
+                             "trainer with --eval_steps, one subprocess per run")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed, tiny model and evaluation")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        for name in method_names(args.methods, args.knn_k or [1]):
+            parse_method(name)
+    except ValueError as error:
+        parser.error(str(error))
+    for flag in ("steps", "eval_every", "eval_samples", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "eval_samples" else 1):
+            parser.error(f"--{flag} must be at least {2 if flag == 'eval_samples' else 1}, got {value}")
+    if min(args.eval_inference_steps or [1]) < 1 or min(args.knn_k or [1]) < 1:
+        parser.error("--eval_inference_steps and --knn_k must be at least 1")
+    return args
 
 
 def build_settings(args) -> Settings:
+    family = FAMILY_DEFAULTS[args.family]
+    common = {key: value for key, value in family.items() if key != "knn_k"}
     if args.smoke:
-        settings = Settings(steps=6, eval_every=3, batch_size=16, warmup_steps=2, eval_samples=24,
-                            eval_inference_steps=2, num_reference=200, train_images=512, unet=dict(SMOKE_UNET),
-                            classifier=asdict(ClassifierTraining(steps=20, max_train_images=2000,
-                                                                 max_test_images=500)))
+        settings = Settings(family=args.family, **common)
+        settings.steps, settings.eval_every, settings.batch_size, settings.warmup_steps = 6, 3, 16, 2
+        settings.eval_samples, settings.eval_inference_steps, settings.num_reference = 24, [1, 2], 200
+        settings.train_images, settings.unet = 512, dict(SMOKE_UNET)
+        settings.classifier = asdict(ClassifierTraining(steps=20, max_train_images=2000, max_test_images=500))
     else:
-        settings = Settings()
-    for name in ("steps", "eval_every", "eval_samples", "eval_inference_steps", "batch_size", "knn_k"):
+        settings = Settings(family=args.family, **common)
+    for name in ("steps", "eval_every", "eval_samples", "eval_inference_steps", "batch_size", "learning_rate"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if args.family == "cm":
+        settings.recipe = asdict(ConsistencyRecipe())
+        settings.unet = {**settings.unet, "dropout": 0.0}  # the trainer's MNIST demo trains without dropout
     return settings
+
+
+def default_output_dir(family: str) -> str:
+    """docs/convergence/<family>: results and finished runs are committed, so later sessions reuse the runs."""
+    return os.path.join(REPO, "docs", "convergence", family)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.smoke and args.seeds == [0, 1, 2]:
         args.seeds = [0]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    # The smoke model's ops are too small to share between threads; on a busy machine two threads waiting on
+    # each other made its steps 20x slower.
+    torch.set_num_threads(args.threads or (1 if args.smoke else threads))
+    try:
+        return run_benchmark(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_benchmark(args) -> dict:
     settings = build_settings(args)
-    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
+    methods = method_names(args.methods, args.knn_k or FAMILY_DEFAULTS[args.family]["knn_k"])
+    output_dir = args.output_dir or default_output_dir(args.family)
+    work_dir = args.work_dir or os.path.join(REPO, "benchmark-results", "convergence-work", args.family)
+    os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
     started = time.perf_counter()
-    print(f"convergence benchmark: methods {args.methods}, seeds {args.seeds}, {settings.steps} steps, FID at "
-          f"{settings.eval_steps()} on {settings.eval_samples} samples; output {args.output_dir}")
+    print(f"convergence benchmark ({args.family}): methods {methods}, seeds {args.seeds}, {settings.steps} steps, FID "
+          f"at {settings.eval_steps() if args.backend == 'loop' else 'every ' + str(settings.eval_every)} on "
+          f"{settings.eval_samples} samples with {settings.eval_inference_steps} sampler steps; output {output_dir}; "
+          f"{machine()}", flush=True)
     images = mnist_tensor(settings) if args.backend == "loop" else None
     evaluator = TrainingEvaluator(reference="mnist", num_samples=settings.eval_samples, feature="classifier",
-                                  num_inference_steps=settings.eval_inference_steps, batch_size=250, seed=1234,
+                                  num_inference_steps=settings.eval_inference_steps[0], batch_size=250, seed=1234,
                                   cache_dir=args.cache_dir, num_reference=settings.num_reference,
                                   classifier_settings=ClassifierTraining(**settings.classifier), progress=False)
     prepare_start = time.perf_counter()
     evaluator.prepare(settings.unet["sample_size"], settings.unet["in_channels"])  # classifier + reference features
     accuracy = evaluator.classifier_test_accuracy
-    print(f"evaluation ready in {time.perf_counter() - prepare_start:.0f} s: classifier test accuracy {accuracy:.4f}")
-    runs = []
+    print(f"evaluation ready in {time.perf_counter() - prepare_start:.0f} s: classifier test accuracy {accuracy:.4f}",
+          flush=True)
+    runs, total = [], len(args.seeds) * len(methods)
     for seed in args.seeds:  # seeds outer, methods inner: slow drifts of the shared CPU hit every method alike
-        for method in args.methods:
-            name = f"{method}-seed{seed}-{settings.key()}{'-script' if args.backend == 'script' else ''}"
-            path = os.path.join(args.output_dir, "runs", f"{name}.json")
+        for name in methods:
+            run_name = f"{name}-seed{seed}-{settings.key()}{'-script' if args.backend == 'script' else ''}"
+            path = os.path.join(output_dir, "runs", f"{run_name}.json")
             if os.path.isfile(path):
                 with open(path) as handle:
                     runs.append(json.load(handle))
-                print(f"  {method} seed {seed}: reusing {path}")
+                print(f"[{len(runs)}/{total}] {name} seed {seed}: reusing {os.path.relpath(path)}", flush=True)
                 continue
+            print(f"[{len(runs) + 1}/{total}] {name} seed {seed}: training", flush=True)
             if args.backend == "script":
-                run = train_run_script(method, seed, settings, os.path.join(args.output_dir, "runs", name),
-                                       args.cache_dir)
+                run = train_run_script(name, seed, settings, os.path.join(work_dir, run_name), args.cache_dir)
             else:
-                run = train_run(method, seed, settings, images, evaluator)
-            with open(path, "w") as handle:
+                run = train_run(name, seed, settings, images, evaluator, log=lambda text: print(text, flush=True))
+            with open(path + ".partial", "w") as handle:
                 json.dump(run, handle)
+            os.replace(path + ".partial", path)  # a run cut off half-way leaves no file that looks finished
             runs.append(run)
-    summary = summarise(runs, args.methods, args.seeds)
+    summaries = summarise_by_sampler(runs, methods, args.seeds, settings.eval_inference_steps)
     wall_minutes = (time.perf_counter() - started) / 60
-    table = markdown(summary, runs, args.methods, args.seeds, settings, accuracy, wall_minutes, args.backend)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
+    table = markdown(summaries, runs, methods, args.seeds, settings, accuracy, wall_minutes, args.backend)
+    with open(os.path.join(output_dir, "results.md"), "w") as handle:
         handle.write(table)
-    plot(summary, args.methods, args.seeds, os.path.join(args.output_dir, "fid_vs_steps.png"))
-    result = {"settings": asdict(settings), "backend": args.backend, "methods": args.methods, "seeds": args.seeds, "runs": runs,
-              "summary": {k: v for k, v in summary.items() if k != "fid"}, "classifier_test_accuracy": accuracy,
+    plot(summaries, methods, args.seeds, args.family, os.path.join(output_dir, "fid_vs_steps.png"))
+    result = {"settings": asdict(settings), "family": args.family, "backend": args.backend, "methods": methods,
+              "seeds": args.seeds, "runs": runs, "classifier_test_accuracy": accuracy, "machine": machine(),
+              "summary": {str(n): {k: v for k, v in s.items() if k != "fid"} for n, s in summaries.items()},
               "wall_minutes": wall_minutes, "torch_threads": torch.get_num_threads()}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(result, handle, indent=1, default=str)
     print(table)
     return result

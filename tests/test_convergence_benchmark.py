@@ -1,4 +1,5 @@
-"""The convergence benchmark: a smoke run (a few steps, one seed) and the reading of its curves."""
+"""The convergence benchmark: smoke runs of both families (a few steps, one seed), the reading of its curves per
+sampler step count, the converged? check, and the command it gives the real trainer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -46,26 +49,134 @@ def test_speed_up_at_equal_fid_counts_slower_methods_too(convergence):
     assert diverged["equal_fid"]["knn"] == [] and diverged["unreached"]["knn"] == [0]
 
 
-def test_smoke_run_writes_table_plot_and_runs(convergence, tmp_path, capsys):
+def curve_run(method, seed, curves, step=100):
+    """A finished run with synthetic FID curves {sampler steps: [FID per evaluation]}."""
+    return {"method": method, "seed": seed, "step_ms_median": 1.0, "noise_ms_median": 0.1, "wall_seconds": 1.0,
+            "curves": {str(n): [{"step": step * (i + 1), "fid": f, "kid_mean": 0.0, "kid_std": 0.0}
+                                for i, f in enumerate(fids)] for n, fids in curves.items()}}
+
+
+def test_speed_ups_and_convergence_are_read_per_sampler_step_count(convergence):
+    # At 1 sampler step linear gets to vanilla's final FID in half the steps; at 2 steps it never does.
+    runs = [curve_run("none", 0, {1: [40, 30, 20, 10], 2: [20, 16, 12, 11.5]}),
+            curve_run("none", 1, {1: [44, 32, 22, 12], 2: [22, 17, 13, 12.5]}),
+            curve_run("linear", 0, {1: [30, 10, 9, 8], 2: [25, 20, 18, 16]}),
+            curve_run("linear", 1, {1: [33, 12, 10, 9], 2: [26, 21, 19, 17]})]
+    summaries = convergence.summarise_by_sampler(runs, ["none", "linear"], [0, 1], [1, 2])
+    assert list(summaries) == [1, 2]
+    one, two = summaries[1], summaries[2]
+    assert one["steps"] == [100, 200, 300, 400]
+    assert one["reach"]["linear"] == {0: pytest.approx(200.0), 1: pytest.approx(200.0)}
+    assert one["ratio"]["linear"] == [pytest.approx(2.0), pytest.approx(2.0)]
+    assert two["reach"]["linear"] == {0: None, 1: None} and two["ratio"]["linear"] == []
+    # linear ends at 16 (seed 0): vanilla reached 16 at step 200 of linear's 400 -> a slow-down of 0.5.
+    assert two["equal_fid"]["linear"][0] == pytest.approx(0.5)
+    # Vanilla's mean curve at 1 step: 31 at step 200 (the half-way point) -> 11 at step 400: still improving.
+    assert one["converged"]["fid_half"] == pytest.approx(31.0) and one["converged"]["fid_end"] == pytest.approx(11.0)
+    assert one["converged"]["converged"] is False
+    # ... at 2 steps: 16.5 -> 12, 27% better over the last doubling: not converged either.
+    assert two["converged"]["improvement"] == pytest.approx(1 - 12 / 16.5)
+    assert set(one["converged_per_seed"]) == {0, 1}
+
+
+def test_converged_means_less_than_ten_percent_better_over_the_last_doubling(convergence):
+    steps = [250, 500, 1000, 2000, 4000]
+    flat = convergence.convergence_check(steps, [50, 20, 12, 10.0, 9.5])
+    assert flat["fid_half"] == 10.0 and flat["improvement"] == pytest.approx(0.05) and flat["converged"] is True
+    assert flat["previous_improvement"] == pytest.approx(1 - 10 / 12)
+    still = convergence.convergence_check(steps, [50, 20, 12, 10.0, 8.5])
+    assert still["converged"] is False and still["improvement"] == pytest.approx(0.15)
+    line = convergence.describe_convergence(still)
+    assert "converged? no" in line and "+15.0%" in line and "5.0 points above" in line
+    assert "converged? yes" in convergence.describe_convergence(flat)
+    worse = convergence.convergence_check(steps, [50, 20, 12, 10.0, 11.0])  # got worse: it has levelled off
+    assert worse["converged"] is True and worse["improvement"] < 0
+    # The half-way point interpolated between evaluations (1500 between 1000 and 2000 steps).
+    between = convergence.convergence_check([1000, 2000, 3000], [30.0, 20.0, 19.0])
+    assert between["fid_half"] == pytest.approx(25.0) and between["fid_quarter"] is None
+    unknown = convergence.convergence_check([3000, 4000], [20.0, 19.0])  # nothing evaluated at 2000
+    assert unknown["converged"] is None and "unknown" in convergence.describe_convergence(unknown)
+
+
+def test_evaluation_schedule_is_dense_early_and_holds_every_doubling(convergence):
+    assert convergence.Settings(steps=4000, eval_every=1000).eval_steps() == [250, 500, 1000, 2000, 3000, 4000]
+    assert convergence.Settings(steps=4000, eval_every=500).eval_steps() == [250, 500, 1000, 1500, 2000, 2500,
+                                                                             3000, 3500, 4000]
+    assert convergence.Settings(steps=1000, eval_every=250).eval_steps() == [125, 250, 500, 750, 1000]
+    assert convergence.Settings(steps=6, eval_every=3).eval_steps() == [3, 6]
+
+
+def test_methods_expand_to_one_run_per_k_and_bad_names_are_refused(convergence, capsys):
+    assert convergence.method_names(["none", "linear", "knn"], [2, 4, 8]) == ["none", "linear", "knn2", "knn4", "knn8"]
+    assert convergence.method_names(["none", "knn4", "knn"], [4]) == ["none", "knn4"]
+    assert convergence.parse_method("knn16") == ("knn", 16) and convergence.parse_method("linear") == ("linear", 1)
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--methods", "none", "sinkhorn"])
+    assert "unknown method 'sinkhorn'" in capsys.readouterr().err
+    cm = convergence.build_settings(convergence.parse_args(["--family", "cm"]))
+    ddim = convergence.build_settings(convergence.parse_args([]))
+    assert (cm.eval_inference_steps, ddim.eval_inference_steps) == ([1, 2], [5, 10, 25, 50])
+    assert cm.learning_rate == 1e-3 and cm.unet["dropout"] == 0.0 and cm.recipe["curriculum_end"] == 1280
+    assert cm.key() != convergence.build_settings(convergence.parse_args(["--family", "cm", "--steps", "2000"])).key()
+
+
+def test_script_backend_gives_the_cm_trainer_the_loops_settings(convergence, tmp_path):
+    from trainer_runs import load_script
+
+    trainer = load_script(pathlib.Path(REPO) / "train_immiscible_cm.py")
+    settings = convergence.build_settings(convergence.parse_args(["--family", "cm"]))
+    command = convergence.script_command("knn4", 3, settings, str(tmp_path / "run"), str(tmp_path / "unet.json"))
+    assert command[1].endswith("train_immiscible_cm.py")
+    args = trainer.parse_args(command[2:])
+    assert (args.immiscible, args.immiscible_k, args.seed) == ("knn", 4, 3)
+    assert (args.train_batch_size, args.max_train_steps, args.learning_rate) == (64, 4000, 1e-3)
+    assert (args.adam_beta1, args.adam_weight_decay, args.dropout, args.lr_warmup_steps) == (0.9, 0.0, 0.0, 100)
+    assert args.recipe == convergence.ConsistencyRecipe(**settings.recipe)
+    assert args.eval_inference_steps == [1, 2] and args.eval_num_samples == 2000 and args.eval_steps == 500
+    ddim = convergence.build_settings(convergence.parse_args([]))
+    with pytest.raises(ValueError, match="one sampler step count"):
+        convergence.script_command("none", 0, ddim, "run", "unet.json")
+
+
+@pytest.mark.parametrize("family, names, sampler_steps", [("ddim", ["none", "linear", "knn8"], ["1", "2"]),
+                                                         ("cm", ["none", "linear", "knn4"], ["1", "2"])])
+def test_smoke_run_writes_tables_per_sampler_step_count_plot_and_reusable_runs(convergence, tmp_path, capsys, family,
+                                                                               names, sampler_steps):
     out = tmp_path / "out"
-    args = ["--smoke", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
+    args = ["--family", family, "--smoke", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
     result = convergence.main(args)
 
-    assert result["seeds"] == [0] and result["methods"] == ["none", "linear", "knn"]
-    assert {(r["method"], r["seed"]) for r in result["runs"]} == {("none", 0), ("linear", 0), ("knn", 0)}
+    assert result["seeds"] == [0] and result["methods"] == names and result["family"] == family
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {(name, 0) for name in names}
     for run in result["runs"]:
-        assert [p["step"] for p in run["curve"]] == [3, 6]
-        assert all(math.isfinite(p["fid"]) and math.isfinite(p["kid_mean"]) for p in run["curve"])
+        assert sorted(run["curves"]) == sampler_steps
+        for curve in run["curves"].values():
+            assert [p["step"] for p in curve] == [3, 6]
+            assert all(math.isfinite(p["fid"]) and math.isfinite(p["kid_mean"]) for p in curve)
         assert run["step_ms_median"] > 0 and run["noise_ms_median"] > 0
+    # Different sampler step counts sample differently: the curves are not copies of each other.
+    assert result["runs"][0]["curves"]["1"][0]["fid"] != result["runs"][0]["curves"]["2"][0]["fid"]
     table = (out / "results.md").read_text()
-    assert "| step | none | linear | knn |" in table and "| 3 |" in table and "| 6 |" in table
-    assert "speed-up" in table and "Speed-up at equal FID" in table and "noise call share" in table
+    heading = "DDIM-{}" if family == "ddim" else "{}-step consistency sampling"
+    assert f"## {heading.format(1)}" in table and f"## {heading.format(2)}" in table
+    assert table.count(f"| step | {' | '.join(names)} |") == 2 and "| 3 |" in table and "| 6 |" in table
+    assert table.count("Speed-up at equal FID") == 2 and "noise call share" in table
+    assert table.count("converged? ") >= 4 and "torch threads" in table
+    assert ("curriculum depends on the total steps" in table) == (family == "cm")
     assert (out / "fid_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["classifier_test_accuracy"] is not None and len(list((out / "runs").glob("*.json"))) == 3
+    assert set(saved["summary"]) == set(sampler_steps)
 
     # Same settings again: the finished runs are reused, not retrained.
     capsys.readouterr()
     again = convergence.main(args)
     assert capsys.readouterr().out.count("reusing") == 3
-    assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in result["runs"]]
+    assert [r["curves"] for r in again["runs"]] == [r["curves"] for r in result["runs"]]
+
+
+def test_results_default_to_a_committed_folder(convergence):
+    assert convergence.default_output_dir("cm") == os.path.join(REPO, "docs", "convergence", "cm")
+    folder = os.path.join(convergence.default_output_dir("cm"), "runs")
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(folder, "none-seed0-abc.json")], cwd=REPO)
+    assert ignored.returncode == 1  # not ignored: finished runs are committed and reused by later sessions
