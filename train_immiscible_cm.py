@@ -53,7 +53,8 @@ def parse_args(input_args=None):
     data.add_argument("--class_conditional", action="store_true",
                       help="Condition on a ClassLabel column (--label_column): a class embedding in the UNet, "
                            "noise assigned within each class, `class_labels=` at sampling.")
-    data.add_argument("--label_column", type=str, default="label", help="The ClassLabel column for --class_conditional.")
+    data.add_argument("--label_column", type=str, default="label",
+                      help="The ClassLabel column for --class_conditional.")
 
     model = parser.add_argument_group("model and consistency training (defaults: improved consistency training)")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
@@ -187,7 +188,8 @@ def main(args):
     # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
-    evaluator = pixel_evaluator(args, unet_config["in_channels"], accelerator, args.eval_inference_steps[0])  # --eval_steps, or None
+    # With --eval_steps: the feature network (and the classifier, if not cached) is ready before the first step.
+    evaluator = pixel_evaluator(args, unet_config["in_channels"], accelerator, args.eval_inference_steps[0])
 
     # --- training ----------------------------------------------------------------------------------------
     progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)

@@ -158,7 +158,8 @@ def main(args):
     # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 
-    evaluator = pixel_evaluator(args, unet_config["in_channels"], accelerator, args.eval_inference_steps)  # --eval_steps, or None
+    # With --eval_steps: the feature network (and the classifier, if not cached) is ready before the first step.
+    evaluator = pixel_evaluator(args, unet_config["in_channels"], accelerator, args.eval_inference_steps)
 
     # --- training ----------------------------------------------------------------------------------------
     progress = TrainingProgress(accelerator, args, lr_scheduler, max_train_steps, global_step, immiscible, ema)

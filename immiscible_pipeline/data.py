@@ -210,10 +210,11 @@ def class_label_names(dataset, column: str, flag: str = "--label_column") -> lis
     check_column(dataset, column, flag)
     feature = dataset.features[column]
     if type(feature).__name__ != "ClassLabel":
-        raise ValueError(f"{flag} {column!r} is a {type(feature).__name__}, not a datasets ClassLabel: class-conditional "
-                         f"training needs class indices with names (an imagefolder with one sub-folder per class, or "
-                         f"dataset.cast_column('{column}', ClassLabel(names=[...])))")
+        raise ValueError(f"{flag} {column!r} is a {type(feature).__name__}, not a datasets ClassLabel: "
+                         f"class-conditional training needs class indices with names (an imagefolder with one "
+                         f"sub-folder per class, or dataset.cast_column('{column}', ClassLabel(names=[...])))")
     return list(feature.names)
+
 
 def sample_seed(*numbers: int) -> int:
     """A well-mixed 64-bit seed from non-negative integers (e.g. seed, epoch, index)."""

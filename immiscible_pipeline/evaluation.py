@@ -89,8 +89,9 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
                       reference_feats: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Samples `num_samples` images (split across the accelerator's processes), and returns on every process
     {"fid", "kid_mean", "kid_std", ...details}, with classifier features also "confident_fraction" (samples
-    the classifier labels with probability >= 0.9; "reference_confident_fraction" for the reference images): the number of samples and reference images, the feature
-    network (and the classifier's test accuracy), whether the reference features came from the cache, timings.
+    the classifier labels with probability >= 0.9; "reference_confident_fraction" for the reference images),
+    and the details: the number of samples and reference images, the feature network (and the classifier's
+    test accuracy), whether the reference features came from the cache, timings.
 
     `extractor` / `reference_feats` let a caller that evaluates repeatedly (see TrainingEvaluator) reuse them.
     """

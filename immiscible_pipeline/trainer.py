@@ -29,8 +29,8 @@ import os
 import torch
 
 from .hub import check_hub_token, create_hub_repo
-from .training import (StopOnSignal, check_report_to, check_xformers_available, checkpoint_step, find_checkpoint, resume_position,
-                       save_checkpoint, updates_per_epoch)
+from .training import (StopOnSignal, check_report_to, check_xformers_available, checkpoint_step, find_checkpoint,
+                       resume_position, save_checkpoint, updates_per_epoch)
 
 logger = logging.getLogger(__name__)
 
