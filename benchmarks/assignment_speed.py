@@ -46,7 +46,7 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2  # noqa: E402
-from immiscible_pipeline.linear_assignment import COST_DTYPES  # noqa: E402
+from immiscible_pipeline.linear_assignment import COST_DTYPES, resolve_cost_dtype  # noqa: E402
 
 FULL_BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
 FULL_DIMS = (3072, 4096, 16384)
@@ -532,7 +532,8 @@ def machine() -> dict:
     low = sorted(f for f in flags if f in {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
     return dict(cpu=model, threads=torch.get_num_threads(), torch=torch.__version__,
                 solver="lap (Jonker-Volgenant)" if importlib.util.find_spec("lap") else "scipy",
-                low_precision_units=", ".join(low) if low else "none (no avx512_bf16 / avx512_fp16 / amx flags)")
+                low_precision_units=", ".join(low) if low else "none (no avx512_bf16 / avx512_fp16 / amx flags)",
+                auto_cost_dtype=resolve_cost_dtype("auto", "cpu"))
 
 
 def main(argv=None) -> dict:
@@ -557,7 +558,8 @@ def main(argv=None) -> dict:
 
     targets = evaluate_targets(results, args.low_precision)
     header = (f"Command: `{command}`  \nDate: {date}  \nCPU: {info['cpu']}, {info['threads']} threads; "
-              f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}  \n"
+              f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}; "
+              f"`--assignment_cost_dtype auto` (the trainers' default) uses {info['auto_cost_dtype']} here  \n"
               f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB"
               + ("." if args.max_load is None else f"; each size started once the 1-min load average was below "
                  f"{args.max_load:g} (waited at most {args.max_wait:g} s)."))

@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from .knn import knn_noise, knn_noise_reference
-from .linear_assignment import COST_DTYPES, SOLVERS, assignment_permutation, pairwise_l2
+from .linear_assignment import (COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2,
+                                resolve_cost_dtype)
 
 METHODS = ("none", "linear", "knn")
 KNN_SAMPLERS = ("fast", "reference")
@@ -84,8 +85,9 @@ class ImmiscibleNoise:
             "knn" (each sample keeps the nearest of `k` fresh noises, the follow-up paper) or "none" (plain
             independent noise, for baselines).
         k: candidates per sample for "knn".
-        cost_dtype: dtype of the x.n product in the linear cost ("float32" exact by default; "bfloat16" or
-            "float16" for the paper's quantized assignment; norms stay float32).
+        cost_dtype: dtype of the x.n product in the linear cost: "auto" (default: bfloat16 on GPUs and CPUs
+            with fast bf16, float32 elsewhere), "float32" (exact), "bfloat16" or "float16" (the paper's
+            quantized assignment); the norms stay float32, which keeps the optimum in practice.
         solver: "auto" (lap if installed, else scipy), "lap" or "scipy"; all give the exact optimum.
         knn_sampler: "fast" draws the winner exactly in law from scalars; "reference" draws all k candidates.
 
@@ -95,14 +97,14 @@ class ImmiscibleNoise:
     groups change nothing for it.
     """
 
-    def __init__(self, method: str = "linear", k: int = 8, cost_dtype: str = "float32", solver: str = "auto",
+    def __init__(self, method: str = "linear", k: int = 8, cost_dtype: str = "auto", solver: str = "auto",
                  knn_sampler: str = "fast"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if cost_dtype not in COST_DTYPES:
-            raise ValueError(f"cost_dtype must be one of {sorted(COST_DTYPES)}, got {cost_dtype!r}")
+        if cost_dtype not in COST_DTYPE_CHOICES:
+            raise ValueError(f"cost_dtype must be one of {COST_DTYPE_CHOICES}, got {cost_dtype!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if knn_sampler not in KNN_SAMPLERS:
@@ -147,10 +149,11 @@ class ImmiscibleNoise:
             dist = row_distances(x0, noise).mean().item()
             self._record(dist, dist, x0.shape[0], start, noop=True)
             return noise
-        cost = pairwise_l2(x0, noise, self.cost_dtype).cpu()
+        cost_dtype = resolve_cost_dtype(self.cost_dtype, x0.device)
+        cost = pairwise_l2(x0, noise, cost_dtype).cpu()
         perm = assignment_permutation(cost, labels, self.solver)
         assigned = noise[perm.to(noise.device)]
-        if self.cost_dtype == "float32":
+        if cost_dtype == "float32":
             before, after = cost.diagonal(), cost[torch.arange(perm.numel()), perm]
         else:  # report true float32 distances, not the low-precision cost
             before, after = row_distances(x0, noise), row_distances(x0, assigned)

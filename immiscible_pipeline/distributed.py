@@ -49,7 +49,7 @@ from typing import Callable, Sequence
 import torch
 
 from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor, can_repair, draw_noise
-from .linear_assignment import COST_DTYPES, SOLVERS, assignment_permutation, pairwise_l2
+from .linear_assignment import COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class GlobalAssignmentStats(AssignmentStats):
     local_batch_size: int = 0
 
 
-def build_immiscible(method: str = "linear", k: int = 8, cost_dtype: str = "float32", scope: str = "local",
+def build_immiscible(method: str = "linear", k: int = 8, cost_dtype: str = "auto", scope: str = "local",
                      accelerator=None, **kwargs):
     """The noise assigner a training script needs: `noise = imm(x0, generator=None, groups=None)`.
 
@@ -136,7 +136,9 @@ class GlobalImmiscibleNoise:
     for the protocol and its communication volume.
 
     Args:
-        cost_dtype: dtype of the x.n product in the cost ("float32" exact; "bfloat16"/"float16" quantized).
+        cost_dtype: dtype of the x.n product in the cost ("auto": bfloat16 where fast, else float32; "float32"
+            exact; "bfloat16"/"float16" quantized). Each process resolves "auto" for its device; the rows are
+            gathered, so every process still solves one identical matrix.
         solver: "auto", "lap" or "scipy" (exact; all processes must use the same one).
         accelerator: an `accelerate.Accelerator` (its `gather` is the collective used).
         collective: a `Collective` instead of an accelerator (other launchers, tests).
@@ -145,10 +147,10 @@ class GlobalImmiscibleNoise:
 
     method = "linear"
 
-    def __init__(self, cost_dtype: str = "float32", solver: str = "auto", accelerator=None,
+    def __init__(self, cost_dtype: str = "auto", solver: str = "auto", accelerator=None,
                  collective: Collective | None = None):
-        if cost_dtype not in COST_DTYPES:
-            raise ValueError(f"cost_dtype must be one of {sorted(COST_DTYPES)}, got {cost_dtype!r}")
+        if cost_dtype not in COST_DTYPE_CHOICES:
+            raise ValueError(f"cost_dtype must be one of {COST_DTYPE_CHOICES}, got {cost_dtype!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if accelerator is not None and collective is not None:

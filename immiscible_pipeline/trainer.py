@@ -29,13 +29,13 @@ import os
 import torch
 
 from .hub import check_hub_token, create_hub_repo
+from .linear_assignment import COST_DTYPE_CHOICES
 from .training import (StopOnSignal, check_report_to, check_xformers_available, checkpoint_step, find_checkpoint,
                        resume_position, save_checkpoint, updates_per_epoch)
 
 logger = logging.getLogger(__name__)
 
 IMMISCIBLE_METHODS = ("none", "linear", "knn")
-COST_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -50,8 +50,9 @@ def add_immiscible_arguments(parser, sample_name: str = "image"):
     imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
                      help="local: each process assigns its own batch; global: linear assignment over the batch of "
                           "all processes (communication every step; with one process the same as local).")
-    imm.add_argument("--assignment_cost_dtype", type=str, default="float32", choices=COST_DTYPES,
-                     help="Precision of the x.n product in the linear assignment cost (float32 is exact).")
+    imm.add_argument("--assignment_cost_dtype", type=str, default="auto", choices=COST_DTYPE_CHOICES,
+                     help="Precision of the x.n product in the linear assignment cost: auto (bfloat16 on GPUs and "
+                          "CPUs with fast bf16, float32 elsewhere), float32 (exact), bfloat16, float16.")
     return imm
 
 

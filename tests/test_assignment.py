@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import immiscible_pipeline.linear_assignment as linear_assignment
 from immiscible_pipeline import ImmiscibleNoise, assignment_permutation, pairwise_l2, solve_assignment
 
 
@@ -26,7 +27,7 @@ def test_linear_is_optimal_against_brute_force(batch):
     g = torch.Generator().manual_seed(batch)
     x0 = torch.randn(batch, 6, generator=g) * 2
     noise = torch.randn(batch, 6, generator=g)
-    assigned = ImmiscibleNoise("linear").assign(x0, noise)
+    assigned = ImmiscibleNoise("linear", cost_dtype="float32").assign(x0, noise)  # exact on any machine
     best = min(total_distance(x0, noise[list(p)]) for p in itertools.permutations(range(batch)))
     assert total_distance(x0, assigned) == pytest.approx(best, rel=1e-6)
 
@@ -88,10 +89,37 @@ def test_linear_reduces_distance_and_reports_it():
 def test_low_precision_cost_keeps_the_distance_reduction(cost_dtype):
     x0 = image_like(128, (3, 16, 16), seed=3)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
-    exact = total_distance(x0, noise) - total_distance(x0, ImmiscibleNoise("linear").assign(x0, noise))
+    exact_noise = ImmiscibleNoise("linear", cost_dtype="float32").assign(x0, noise)
+    exact = total_distance(x0, noise) - total_distance(x0, exact_noise)
     quick = total_distance(x0, noise) - total_distance(x0, ImmiscibleNoise("linear", cost_dtype=cost_dtype).assign(x0, noise))
     assert exact > 0
     assert quick >= 0.99 * exact
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_auto_cost_dtype_uses_bf16_only_where_it_is_fast(fast, monkeypatch):
+    monkeypatch.setattr(linear_assignment, "cpu_has_bf16_units", lambda: fast)
+    assert linear_assignment.resolve_cost_dtype("auto", "cpu") == ("bfloat16" if fast else "float32")
+    assert linear_assignment.resolve_cost_dtype("auto", "mps") == "float32"  # no fast bf16 GEMM there
+    assert linear_assignment.resolve_cost_dtype("float16", "cpu") == "float16"  # explicit names stay
+    x0 = image_like(64, (3, 16, 16), seed=5)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6))
+    chosen = "bfloat16" if fast else "float32"
+    assert torch.equal(pairwise_l2(x0, noise, "auto"), pairwise_l2(x0, noise, chosen))
+    imm = ImmiscibleNoise("linear")  # "auto" is the default
+    assert imm.cost_dtype == "auto" and torch.equal(imm.assign(x0, noise),
+                                                    ImmiscibleNoise("linear", cost_dtype=chosen).assign(x0, noise))
+
+
+@pytest.mark.parametrize("cost_dtype", ["bfloat16", "float16"])
+def test_low_precision_cost_leaves_the_inputs_alone(cost_dtype):
+    dtype = getattr(torch, cost_dtype)
+    x0, noise = image_like(16, seed=7).to(dtype), torch.randn(16, 3, 8, 8).to(dtype)
+    x_before, n_before = x0.clone(), noise.clone()
+    distances = pairwise_l2(x0, noise, cost_dtype)
+    assert torch.equal(x0, x_before) and torch.equal(noise, n_before)  # the fp16 scaling works on copies
+    exact = pairwise_l2(x0.float(), noise.float(), "float32")
+    assert distances.dtype == torch.float32 and torch.allclose(distances, exact, rtol=2e-2, atol=0.1)
 
 
 def test_batch_of_one_is_a_reported_noop():

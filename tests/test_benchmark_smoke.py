@@ -33,6 +33,7 @@ def test_tiny_run_prints_every_table_marks_oom_and_writes_md_and_json(tmp_path, 
 
     assert "| linear fp32 reaches scipy's exact optimum at every size measured | all sizes | PASS |" in out
     assert "NOT MEASURED" in out  # the issue's target sizes are not in this run, and the block says so
+    assert "`--assignment_cost_dtype auto` (the trainers' default) uses " in out
     statuses = {t["status"] for t in report["targets"]}
     assert statuses <= {"PASS", "FAIL", "NOT MEASURED", "info"}
 
