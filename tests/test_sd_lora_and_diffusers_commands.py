@@ -270,8 +270,8 @@ def test_lora_and_diffusers_flag_errors(argv, message, tiny_sd):
         sd.parse_args(["--pretrained_model_name_or_path", tiny_sd, *argv])
 
 
-def test_readme_lists_every_alias_and_refused_flag():
-    readme = (REPO / "README.md").read_text()
+def test_the_sd_page_lists_every_alias_and_refused_flag():
+    readme = (REPO / "docs" / "train-sd.md").read_text()
     for entry in (*UNCONDITIONAL_FLAGS, *TEXT_TO_IMAGE_FLAGS):
         if isinstance(entry, (Alias, EveryEpochs, Unsupported)):
             assert f"`{entry.flag}`" in readme, entry.flag

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -17,6 +18,7 @@ def load_script(path):
     """A trainer script as a module (its `parse_args`, `main` and imported names, for monkeypatching)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
