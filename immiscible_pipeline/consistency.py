@@ -50,6 +50,9 @@ class ConsistencyRecipe:
                              f"{self.curriculum_end}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.huber_c is not None and self.huber_c <= 0:
+            raise ValueError(f"--huber_c must be positive (0 makes the gradient infinite at equal outputs), got "
+                             f"{self.huber_c}")
 
     def scheduler(self, num_train_timesteps: int = 40):
         """The stock sampler of the saved pipeline, with these noise levels (40 steps: diffusers' default grid
@@ -60,10 +63,10 @@ class ConsistencyRecipe:
                                               sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho)
 
     def num_levels(self, step: int, total_steps: int) -> int:
-        """N(k) of iCT's curriculum: s0 levels doubled every K' = K / (log2(s1 / s0) + 1) steps, capped at s1,
-        plus one (N noise levels make N - 1 adjacent pairs)."""
-        doublings = math.floor(math.log2(self.curriculum_end / self.curriculum_start)) + 1
-        steps_per_stage = max(1, total_steps // doublings)
+        """N(k) of iCT's curriculum: s0 levels doubled every K' = floor(K / (log2 floor(s1 / s0) + 1)) steps,
+        capped at s1, plus one (N noise levels make N - 1 adjacent pairs)."""
+        stages = math.log2(math.floor(self.curriculum_end / self.curriculum_start)) + 1  # iCT: not rounded
+        steps_per_stage = max(1, math.floor(total_steps / stages))
         return min(self.curriculum_start * 2 ** (step // steps_per_stage), self.curriculum_end) + 1
 
     def sigmas(self, num_levels: int) -> torch.Tensor:
@@ -128,7 +131,10 @@ def same_random_state(device: torch.device):
     device = torch.device(device)
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
-    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    index = device.index
+    if index is None:  # "cuda" means the current device; MPS has one device and no current_device()
+        module = torch.get_device_module(device.type)
+        index = module.current_device() if hasattr(module, "current_device") else 0
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
@@ -143,7 +149,8 @@ def consistency_loss(model, clean: torch.Tensor, noise: torch.Tensor, sigma_low:
     """
     low, high = _per_sample(sigma_low, clean), _per_sample(sigma_high, clean)
     with same_random_state(clean.device), torch.no_grad():
-        target = denoise(target_model or model, clean + low * noise, sigma_low, scheduler, class_labels)
+        target_net = model if target_model is None else target_model
+        target = denoise(target_net, clean + low * noise, sigma_low, scheduler, class_labels)
     prediction = denoise(model, clean + high * noise, sigma_high, scheduler, class_labels)
     distance = sample_distance(prediction, target, recipe.loss, recipe.distance_scale(clean.shape[1:]))
     return (distance / (sigma_high - sigma_low).float()).mean()

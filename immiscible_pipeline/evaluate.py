@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
     parser.add_argument("--num_inference_steps", type=int, nargs="+", default=None,
                         help="sampler steps; several give one result each (default: 1 and 2 for a consistency "
-                             "model, 50 otherwise)")
+                             "model, 50 otherwise; --sample_only takes one: 1 for a consistency model)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
     parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")

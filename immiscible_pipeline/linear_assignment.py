@@ -42,10 +42,11 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     CPU with bf16 units. Other devices (MPS, older GPUs that emulate it) keep float32."""
     device = torch.device(device)
     if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.3 has no including_emulation (and reported native support only)
-            return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):  # the question is about this device, not the current one
+            try:
+                return torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch before 2.3 has no including_emulation (and reported native support only)
+                return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_bf16_units()
 
 

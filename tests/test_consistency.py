@@ -1,5 +1,6 @@
 """immiscible_pipeline.consistency: iCT's curriculum, levels and loss, and parity with diffusers' sampler."""
 
+import contextlib
 import math
 
 import pytest
@@ -14,6 +15,13 @@ from immiscible_pipeline.consistency import ConsistencyRecipe, consistency_loss,
 def unet(tiny_unet_config):
     torch.manual_seed(0)
     return UNet2DModel.from_config({**tiny_unet_config, "dropout": 0.5})
+
+
+def test_curriculum_with_an_end_that_is_not_a_power_of_two_times_the_start():
+    # iCT: K' = floor(K / (log2 floor(s1 / s0) + 1)) with the log unrounded: 10 -> 1000 over 8000 steps gives
+    # K' = floor(8000 / 7.64) = 1046, so the cap of 1000 levels holds from step 7 * 1046 = 7322 on.
+    recipe = ConsistencyRecipe(curriculum_start=10, curriculum_end=1000)
+    assert [recipe.num_levels(step, 8000) for step in (1045, 1046, 7321, 7322, 7999)] == [11, 21, 641, 1001, 1001]
 
 
 def test_curriculum_doubles_the_levels_from_10_to_1280_over_training():
@@ -43,8 +51,14 @@ def test_levels_follow_the_log_normal():
     # Truncated to [log 0.002, log 80] = [-2.55, +2.74] standard deviations: mean and spread barely move.
     assert log_sigma.mean().item() == pytest.approx(-1.1, abs=0.05)
     assert log_sigma.std().item() == pytest.approx(2.0, abs=0.1)
-    probabilities = recipe.level_probabilities(recipe.sigmas(11))
-    assert probabilities.sum().item() == pytest.approx(1.0) and probabilities.shape == (10,)
+    sigmas = recipe.sigmas(11)
+    probabilities = recipe.level_probabilities(sigmas)
+    # Pair n (sigma_n, sigma_{n+1}) gets the log-normal mass between them, normalised over the 10 pairs.
+    from scipy.stats import norm
+
+    mass = [norm.cdf((math.log(b) + 1.1) / 2.0) - norm.cdf((math.log(a) + 1.1) / 2.0)
+            for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist())]
+    assert probabilities.tolist() == pytest.approx([m / sum(mass) for m in mass], rel=1e-6)
 
 
 @pytest.mark.parametrize("timestep_index", [0, 22, 38])
@@ -108,6 +122,34 @@ def test_both_branches_see_the_same_noise_and_dropout_and_only_the_upper_one_tra
     assert torch.equal(prediction.detach(), target)
 
 
+def test_loss_is_the_weighted_distance_of_the_two_passes(unet):
+    unet.eval()  # no dropout: the two passes can be recomputed by hand
+    recipe, scheduler = ConsistencyRecipe(), ConsistencyRecipe().scheduler()
+    clean, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    low, high = torch.tensor([0.01, 0.3, 5.0]), torch.tensor([0.02, 0.5, 9.0])
+    with torch.no_grad():
+        online = denoise(unet, clean + high.reshape(-1, 1, 1, 1) * noise, high, scheduler)
+        target = denoise(unet, clean + low.reshape(-1, 1, 1, 1) * noise, low, scheduler)
+    c = 0.00054 * math.sqrt(3 * 8 * 8)
+    by_hand = (((online - target).flatten(1).pow(2).sum(1) + c**2).sqrt() - c) / (high - low)
+    loss = consistency_loss(unet, clean, noise, low, high, scheduler, recipe)
+    assert loss.item() == pytest.approx(by_hand.mean().item(), rel=1e-5)
+
+
+def test_same_random_state_forks_the_rng_of_the_device_at_hand(monkeypatch):
+    forked = []
+
+    def record(devices, device_type="cuda"):
+        forked.append((devices, device_type))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.random, "fork_rng", record)
+    same_random_state(torch.device("cpu"))
+    same_random_state(torch.device("mps"))  # one device and no current_device(): index 0
+    same_random_state(torch.device("cuda", 1))
+    assert forked == [([], "cuda"), ([0], "mps"), ([1], "cuda")]
+
+
 def test_same_random_state_replays_dropout(unet):
     unet.train()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0])
@@ -131,6 +173,7 @@ def test_loss_weights_and_distances():
     ({"curriculum_start": 100, "curriculum_end": 10}, "--curriculum_start <= --curriculum_end"),
     ({"loss": "l1"}, "--loss must be one of"),
     ({"p_std": 0.0}, "must be positive"),
+    ({"huber_c": 0.0}, "--huber_c must be positive"),
 ])
 def test_bad_recipes_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

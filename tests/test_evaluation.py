@@ -98,8 +98,6 @@ def test_confident_fraction_counts_clearly_readable_images(classifier, digits):
     # The tests' 60-step classifier is sure of ~40% of real digits (the default 1500 steps: ~96%).
     assert real > 0.25 and noisy < real / 2  # heavy noise makes digits unreadable
     assert classifier.confident_fraction(classifier.extract(digits), threshold=0.0) == 1.0
-    blank = classifier.confident_fraction(classifier.extract(torch.zeros_like(digits)))
-    assert blank in (0.0, 1.0)  # identical images: all or none
 
 
 def test_kid_is_seeded(classifier, digits):
