@@ -30,7 +30,7 @@ from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_em
                                          add_output_arguments, add_pixel_data_arguments, assignment_batch_warning,
                                          check_common_args, epoch_plan, make_ema, make_lr_scheduler,
                                          pixel_evaluator, pixel_training_data, resume, setup_accelerator)
-from immiscible_pipeline.training import (averaged_weights, image_grid, log_images, register_checkpoint_hooks,
+from immiscible_pipeline.training import (end_training, averaged_weights, image_grid, log_images, register_checkpoint_hooks,
                                           sample_images, tracker_config)
 
 logger = get_logger(__name__, log_level="INFO")
@@ -252,7 +252,7 @@ def main(args):
         logger.info(f"Saved the ConsistencyModelPipeline and one- and two-step samples to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 def evaluate(accelerator, args, evaluator, model, ema, scheduler, step):

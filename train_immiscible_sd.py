@@ -44,7 +44,7 @@ from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_em
                                          add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
                                          check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
                                          setup_accelerator)
-from immiscible_pipeline.training import (PREDICTION_TYPES, averaged_weights, image_grid, log_images,
+from immiscible_pipeline.training import (end_training, PREDICTION_TYPES, averaged_weights, image_grid, log_images,
                                           register_checkpoint_hooks, sample_images, tracker_config, weight_dtype)
 
 logger = get_logger(__name__, log_level="INFO")
@@ -396,7 +396,7 @@ def main(args):
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 def save_samples(accelerator, args, pipeline, resolution, step, path):

@@ -205,3 +205,6 @@ def print_metrics(record: dict, reference) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from .training import end_training
+
+    end_training()  # with several processes: the process group is released before exit

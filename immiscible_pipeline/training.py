@@ -133,6 +133,26 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
     return path
 
 
+def end_training(accelerator=None) -> None:
+    """A pause with the GIL free, then `accelerator.end_training()` (trackers closed, process group destroyed);
+    without an accelerator, the process group of accelerate's shared state is destroyed.
+
+    With several processes on gloo (CPU), the process group's worker threads free each finished collective's
+    tensors, which needs the GIL. If the group is destroyed (by `destroy_process_group`, or later with the DDP
+    model that owns it) before they are done, its destructor joins them while holding the GIL and the process
+    hangs for ever: torch issue #190489, seen here in about one of seven 2-process runs. The pause lets them
+    finish first; no collective follows it."""
+    from accelerate import PartialState
+
+    state = accelerator if accelerator is not None else PartialState()
+    if state.num_processes > 1:
+        time.sleep(0.5)
+    if accelerator is not None:
+        accelerator.end_training()
+    else:
+        state.destroy_process_group()
+
+
 class StopOnSignal:
     """Turns Ctrl-C (SIGINT) and SIGTERM (a cluster's pre-emption, torchrun's shutdown) into a request to stop
     at the next step boundary, so that the loop can save a checkpoint and leave instead of dying mid-step:
@@ -187,7 +207,7 @@ class StopOnSignal:
         self.restore()
         logger.warning("Interrupted at step %d: its checkpoint is in %s; continue with --resume_from_checkpoint "
                        "latest", step, output_dir)
-        self.accelerator.end_training()
+        end_training(self.accelerator)
         sys.exit(130)
 
 

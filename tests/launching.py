@@ -42,8 +42,9 @@ def launch_environment(**extra) -> dict:
     sets it on a CPU: with more threads than free cores, OpenMP's waiting makes a tiny step ~30x slower on a
     busy machine."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # PYTHONFAULTHANDLER: a rank killed by `_dump_stacks` prints every thread's stack first.
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true",
-                PYTHONPATH=path, **{"OMP_NUM_THREADS": "1", **extra})
+                PYTHONPATH=path, PYTHONFAULTHANDLER="1", **{"OMP_NUM_THREADS": "1", **extra})
 
 
 def _start(command, **kwargs) -> subprocess.Popen:
@@ -57,6 +58,21 @@ def _signal_group(proc: subprocess.Popen, signum) -> None:
         os.killpg(proc.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _dump_stacks(proc: subprocess.Popen) -> None:
+    """SIGABRT to every process the launcher started: with PYTHONFAULTHANDLER set, each prints the Python stack
+    of all its threads before it dies, so a hang shows where every rank was waiting."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in descendants:
+        try:
+            child.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=20)
 
 
 def _kill_all(proc: subprocess.Popen) -> None:
@@ -81,9 +97,10 @@ def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProce
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _dump_stacks(proc)
         _kill_all(proc)
         output, _ = proc.communicate(timeout=60)
-        raise AssertionError(f"{command} timed out after {timeout} s:\n{output[-4000:]}") from None
+        raise AssertionError(f"{command} timed out after {timeout} s:\n{output[-12000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, output, "")
 
 

@@ -247,6 +247,7 @@ from diffusers import DDIMPipeline
 from immiscible_pipeline import evaluate
 from immiscible_pipeline.classifier import ClassifierTraining
 from immiscible_pipeline.evaluation import TrainingEvaluator
+from immiscible_pipeline.training import end_training
 
 model, cache, out = sys.argv[1:4]
 accelerator = Accelerator()
@@ -264,6 +265,7 @@ evaluator = TrainingEvaluator(reference="mnist", num_samples=10, feature="classi
 result = evaluator(pipeline, accelerator)
 with open(os.path.join(out, f"evaluator{accelerator.process_index}.json"), "w") as handle:
     json.dump(result, handle)
+end_training(accelerator)
 '''
 
 

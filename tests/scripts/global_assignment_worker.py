@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from immiscible_pipeline.distributed import build_immiscible
+from immiscible_pipeline.training import end_training
 
 
 def batch(seed, size, shape=(3, 4, 4), dtype=torch.float32):
@@ -70,6 +71,7 @@ def main(out_dir):
 
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     accelerator.wait_for_everyone()
+    end_training(accelerator)
 
 
 if __name__ == "__main__":
