@@ -19,17 +19,23 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from immiscible_pipeline.diffusers_flags import UNCONDITIONAL_FLAGS, add_diffusers_flags, steps_from_epoch_flags
-from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.hub import card_description, immiscible_tags, upload_output_folder, write_model_card
-from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, load_unet_config
-from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
-                                         add_evaluation_arguments, add_immiscible_arguments, add_optimizer_arguments,
-                                         add_output_arguments, add_pixel_data_arguments, assignment_batch_warning,
-                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler,
-                                         pixel_evaluator, pixel_training_data, resume, setup_accelerator)
-from immiscible_pipeline.training import (end_training, PREDICTION_TYPES, averaged_weights, diffusion_loss, image_grid, log_images,
-                                          register_checkpoint_hooks, sample_images, tracker_config)
+from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_ema, make_lr_scheduler,
+                                                            setup_accelerator, tracker_config)
+from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
+                                                    add_immiscible_arguments, add_optimizer_arguments,
+                                                    add_output_arguments, add_pixel_data_arguments,
+                                                    assignment_batch_warning, check_common_args)
+from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
+from immiscible_pipeline.training.diffusers_example_flags import (UNCONDITIONAL_FLAGS, add_diffusers_flags,
+                                                                  steps_from_epoch_flags)
+from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, upload_output_folder,
+                                                         write_model_card)
+from immiscible_pipeline.training.losses import PREDICTION_TYPES, diffusion_loss
+from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data
+from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
+from immiscible_pipeline.training.step_bookkeeping import TrainingProgress
+from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET, load_unet_config
 
 logger = get_logger(__name__, log_level="INFO")
 

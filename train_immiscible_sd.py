@@ -28,24 +28,28 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from immiscible_pipeline.captions import Captioner, PromptedSamples, prompt_column
-from immiscible_pipeline.data import TrainImages, describe_dataset, load_image_dataset, train_dataloader
-from immiscible_pipeline.diffusers_flags import TEXT_TO_IMAGE_FLAGS, add_diffusers_flags, steps_from_epoch_flags
-from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.hub import (card_description, immiscible_tags, lora_usage, upload_output_folder,
-                                     write_model_card)
-from immiscible_pipeline.latent_cache import CACHE_DTYPES, CachedLatents, batch_latents, build_latent_cache
-from immiscible_pipeline.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
-                                      save_unet_lora)
-from immiscible_pipeline.sd_training import (INTERPOLATIONS, FilteredImageTransform, check_pretrained_model,
-                                             load_inference_scheduler, min_snr_loss, stable_diffusion_pipeline)
-from immiscible_pipeline.trainer import (LR_SCHEDULERS, TrainingProgress, add_ema_warmup_arguments,
-                                         assignment_batch_warning,
-                                         add_immiscible_arguments, add_optimizer_arguments, add_output_arguments,
-                                         check_common_args, epoch_plan, make_ema, make_lr_scheduler, resume,
-                                         setup_accelerator)
-from immiscible_pipeline.training import (end_training, PREDICTION_TYPES, averaged_weights, image_grid, log_images,
-                                          register_checkpoint_hooks, sample_images, tracker_config, weight_dtype)
+from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_ema, make_lr_scheduler,
+                                                            setup_accelerator, tracker_config, weight_dtype)
+from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
+                                                    add_optimizer_arguments, add_output_arguments,
+                                                    assignment_batch_warning, check_common_args)
+from immiscible_pipeline.training.captions import Captioner, prompt_column, PromptedSamples
+from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
+from immiscible_pipeline.training.diffusers_example_flags import (TEXT_TO_IMAGE_FLAGS, add_diffusers_flags,
+                                                                  steps_from_epoch_flags)
+from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, lora_usage,
+                                                         upload_output_folder, write_model_card)
+from immiscible_pipeline.training.image_data import describe_dataset, load_image_dataset, train_dataloader, TrainImages
+from immiscible_pipeline.training.latent_cache import CACHE_DTYPES, batch_latents, build_latent_cache, CachedLatents
+from immiscible_pipeline.training.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
+                                               save_unet_lora)
+from immiscible_pipeline.training.losses import PREDICTION_TYPES, min_snr_loss
+from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
+from immiscible_pipeline.training.stable_diffusion import (INTERPOLATIONS, check_pretrained_model,
+                                                           FilteredImageTransform, load_inference_scheduler,
+                                                           stable_diffusion_pipeline)
+from immiscible_pipeline.training.step_bookkeeping import TrainingProgress
 
 logger = get_logger(__name__, log_level="INFO")
 

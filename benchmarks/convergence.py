@@ -73,12 +73,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
-from immiscible_pipeline.classifier import ClassifierTraining  # noqa: E402
-from immiscible_pipeline.consistency import ConsistencyRecipe, consistency_loss  # noqa: E402
-from immiscible_pipeline.data import ImageTransform, TrainImages, load_mnist, sample_seed  # noqa: E402
-from immiscible_pipeline.evaluation import TrainingEvaluator  # noqa: E402
-from immiscible_pipeline.pixel_unet import MNIST_UNET  # noqa: E402
-from immiscible_pipeline.training import averaged_weights, diffusion_loss  # noqa: E402
+from immiscible_pipeline.evaluation.classifier import ClassifierTraining  # noqa: E402
+from immiscible_pipeline.evaluation.pipeline_metrics import TrainingEvaluator  # noqa: E402
+from immiscible_pipeline.training.consistency_training import consistency_loss, ConsistencyRecipe  # noqa: E402
+from immiscible_pipeline.training.image_data import ImageTransform, load_mnist, sample_seed, TrainImages  # noqa: E402
+from immiscible_pipeline.training.losses import diffusion_loss  # noqa: E402
+from immiscible_pipeline.training.sample_grids import averaged_weights  # noqa: E402
+from immiscible_pipeline.training.unet_presets import MNIST_UNET  # noqa: E402
 
 FAMILIES = ("ddim", "cm")
 METHODS = ("none", "linear", "knn")

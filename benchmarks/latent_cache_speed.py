@@ -101,7 +101,7 @@ def step_wall_times(output: Path) -> list:
 
 
 def measure(args, work: Path, resolution: int, vae_channels: tuple) -> dict:
-    from immiscible_pipeline.tiny_sd import build_tiny_sd
+    from immiscible_pipeline.training.tiny_stable_diffusion import build_tiny_sd
 
     build_tiny_sd(work / "model", resolution=resolution, vae_channels=vae_channels)
     cache = ["--cache_latents", str(work / "cache")]

@@ -1,19 +1,16 @@
-"""Immiscible Diffusion for diffusers training loops: noise re-paired with its batch before diffusion."""
+"""Immiscible Diffusion for diffusers training loops: noise re-paired with its batch before diffusion.
 
-from .assignment import AssignmentStats, ImmiscibleNoise
-from .distributed import GlobalImmiscibleNoise, build_immiscible
-from .knn import knn_noise, knn_noise_reference
-from .linear_assignment import assignment_permutation, pairwise_l2, solve_assignment
+    from immiscible_pipeline import ImmiscibleNoise
+    immiscible = ImmiscibleNoise(method="linear")        # or method="knn", k=4
+    noise = immiscible(clean_images)                     # instead of torch.randn_like(clean_images)
 
-__all__ = [
-    "AssignmentStats",
-    "GlobalImmiscibleNoise",
-    "ImmiscibleNoise",
-    "build_immiscible",
-    "assignment_permutation",
-    "knn_noise",
-    "knn_noise_reference",
-    "pairwise_l2",
-    "solve_assignment",
-]
+The library's three parts: `noise/` (the method), `training/` (what the trainer scripts stand on) and
+`evaluation/` (FID, KID and classifier confidence of samples; `python -m immiscible_pipeline.evaluate`).
+"""
+
+from .noise import (AssignmentStats, GlobalImmiscibleNoise, ImmiscibleNoise, assignment_permutation,
+                    build_immiscible, knn_noise, knn_noise_reference, pairwise_l2, solve_assignment)
+
+__all__ = ["AssignmentStats", "GlobalImmiscibleNoise", "ImmiscibleNoise", "assignment_permutation",
+           "build_immiscible", "knn_noise", "knn_noise_reference", "pairwise_l2", "solve_assignment"]
 __version__ = "0.1.0"

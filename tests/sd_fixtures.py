@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_images
 
-from immiscible_pipeline.tiny_sd import build_tiny_sd
+from immiscible_pipeline.training.tiny_stable_diffusion import build_tiny_sd
 
 # ImageNet-style class names: comma-separated synonyms, the first one is the prompt's name by default.
 CLASS_FOLDERS = {"class_0": "tench, Tinca tinca", "class_1": "goldfish, Carassius auratus"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-import immiscible_pipeline.linear_assignment as linear_assignment
+import immiscible_pipeline.noise.linear_assignment as linear_assignment
 from immiscible_pipeline import ImmiscibleNoise, assignment_permutation, pairwise_l2, solve_assignment
 
 

@@ -4,8 +4,8 @@ import datasets
 import pytest
 import torch
 
-from immiscible_pipeline.captions import NO_LABEL, Captioner, PromptedSamples, prompt_id, tokenize_prompts
-from immiscible_pipeline.tiny_sd import tiny_clip_tokenizer
+from immiscible_pipeline.training.captions import NO_LABEL, Captioner, prompt_id, PromptedSamples, tokenize_prompts
+from immiscible_pipeline.training.tiny_stable_diffusion import tiny_clip_tokenizer
 
 NAMES = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark, white shark, man-eater"]
 

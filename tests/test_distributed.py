@@ -13,8 +13,7 @@ import torch
 from launching import launch_command, launch_environment, run_launched
 
 from immiscible_pipeline import ImmiscibleNoise
-from immiscible_pipeline.distributed import (Collective, GlobalImmiscibleNoise, build_immiscible,
-                                             integer_labels)
+from immiscible_pipeline.noise.global_batch import build_immiscible, Collective, GlobalImmiscibleNoise, integer_labels
 
 WORKER = Path(__file__).parent / "scripts" / "global_assignment_worker.py"
 SCENARIOS = ("equal", "unequal_groups", "empty", "no_accelerator")

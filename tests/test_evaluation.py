@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from launching import launch_command, launch_environment, run_launched
 
-from immiscible_pipeline.classifier import ClassifierTraining, cached_classifier_features, train_classifier
-from immiscible_pipeline.evaluation import TrainingEvaluator, evaluate_pipeline
-from immiscible_pipeline.features import FeatureExtractor, InceptionFeatures, tf1_bilinear_resize
-from immiscible_pipeline.metrics import fid_kid
-from immiscible_pipeline import reference_stats
-from immiscible_pipeline.reference_data import ReferenceSpec, load_reference_images
-from immiscible_pipeline.sampling import class_prompts, image_seed, sample_images, shard
+from immiscible_pipeline.evaluation import reference_features as reference_stats
+from immiscible_pipeline.evaluation.classifier import cached_classifier_features, ClassifierTraining, train_classifier
+from immiscible_pipeline.evaluation.features import FeatureExtractor, InceptionFeatures, tf1_bilinear_resize
+from immiscible_pipeline.evaluation.fid_kid import fid_kid
+from immiscible_pipeline.evaluation.pipeline_metrics import evaluate_pipeline, TrainingEvaluator
+from immiscible_pipeline.evaluation.reference_images import load_reference_images, ReferenceSpec
+from immiscible_pipeline.evaluation.sampling import class_prompts, image_seed, sample_images, shard
 
 RESOLUTION = 16
 # The same settings everywhere in this file, so that the cached classifier is trained once (~3 s on an idle CPU).
@@ -206,7 +206,7 @@ def test_class_prompts_follow_counts_and_distributions():
 def test_stable_diffusion_sampling_from_class_prompts(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from immiscible_pipeline.tiny_sd import build_tiny_sd
+    from immiscible_pipeline.training.tiny_stable_diffusion import build_tiny_sd
 
     pipeline = StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "sd", resolution=16))
     prompts = class_prompts(["a photo of a 0", "a photo of a 1"], num_images=5, weights=[3, 1])
@@ -244,10 +244,10 @@ TWO_PROCESS_DRIVER = r'''
 import json, os, sys
 from accelerate import Accelerator
 from diffusers import DDIMPipeline
-from immiscible_pipeline import evaluate
-from immiscible_pipeline.classifier import ClassifierTraining
-from immiscible_pipeline.evaluation import TrainingEvaluator
-from immiscible_pipeline.training import end_training
+from immiscible_pipeline.evaluation import cli as evaluate
+from immiscible_pipeline.evaluation.classifier import ClassifierTraining
+from immiscible_pipeline.evaluation.pipeline_metrics import TrainingEvaluator
+from immiscible_pipeline.training.accelerator_setup import end_training
 
 model, cache, out = sys.argv[1:4]
 accelerator = Accelerator()
@@ -303,7 +303,7 @@ def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_di
 
 
 def test_sample_only_command_then_scoring_the_folder(classifier, cache_dir, tmp_path):
-    from immiscible_pipeline import evaluate
+    from immiscible_pipeline.evaluation import cli as evaluate
 
     model = str(tmp_path / "tiny-ddim")
     tiny_ddim_pipeline().save_pretrained(model)
@@ -322,8 +322,8 @@ def test_sample_only_command_then_scoring_the_folder(classifier, cache_dir, tmp_
 def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier, cache_dir, tmp_path):
     from diffusers import ConsistencyModelPipeline
 
-    from immiscible_pipeline import evaluate
-    from immiscible_pipeline.consistency import ConsistencyRecipe
+    from immiscible_pipeline.evaluation import cli as evaluate
+    from immiscible_pipeline.training.consistency_training import ConsistencyRecipe
 
     model = str(tmp_path / "tiny-cm")
     ConsistencyModelPipeline(unet=tiny_ddim_pipeline().unet, scheduler=ConsistencyRecipe().scheduler()).save_pretrained(model)

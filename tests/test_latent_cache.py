@@ -6,12 +6,12 @@ import torch
 from diffusers import AutoencoderKL
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
-from immiscible_pipeline.captions import Captioner, PromptedSamples
-from immiscible_pipeline.data import TrainImages, load_image_dataset, train_dataloader
-from immiscible_pipeline.latent_cache import (CachedLatents, LatentCache, batch_latents, build_latent_cache,
-                                              chunk_path, sample_latents)
-from immiscible_pipeline.sd_training import FilteredImageTransform
-from immiscible_pipeline.tiny_sd import tiny_clip_tokenizer
+from immiscible_pipeline.training.captions import Captioner, PromptedSamples
+from immiscible_pipeline.training.image_data import load_image_dataset, train_dataloader, TrainImages
+from immiscible_pipeline.training.latent_cache import (batch_latents, build_latent_cache, CachedLatents, chunk_path,
+                                                       LatentCache, sample_latents)
+from immiscible_pipeline.training.stable_diffusion import FilteredImageTransform
+from immiscible_pipeline.training.tiny_stable_diffusion import tiny_clip_tokenizer
 
 RESOLUTION = 16
 pytestmark = pytest.mark.usefixtures("one_thread")

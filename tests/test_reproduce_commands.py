@@ -143,7 +143,7 @@ def test_every_training_command_parses_with_its_real_flags(tmp_path, monkeypatch
 
 
 def in_process_evaluate(argv):
-    from immiscible_pipeline import evaluate
+    from immiscible_pipeline.evaluation import cli as evaluate
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

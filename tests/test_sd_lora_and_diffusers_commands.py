@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
 from trainer_runs import load_script, run_in_process
 
-import immiscible_pipeline.hub as hub
-from immiscible_pipeline.diffusers_flags import (TEXT_TO_IMAGE_FLAGS, UNCONDITIONAL_FLAGS, Alias, EveryEpochs,
-                                                 Unsupported, steps_from_epoch_flags)
-from immiscible_pipeline.lora import LORA_WEIGHTS_NAME
-from immiscible_pipeline.training import image_grid
+import immiscible_pipeline.training.hub_publishing as hub
+from immiscible_pipeline.training.diffusers_example_flags import (TEXT_TO_IMAGE_FLAGS, UNCONDITIONAL_FLAGS, Alias,
+                                                                  EveryEpochs, steps_from_epoch_flags, Unsupported)
+from immiscible_pipeline.training.lora import LORA_WEIGHTS_NAME
+from immiscible_pipeline.training.sample_grids import image_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -282,7 +282,7 @@ def test_the_sd_page_lists_every_alias_and_refused_flag():
 def test_prompt_column_follows_diffusers_then_class_labels():
     import datasets
 
-    from immiscible_pipeline.captions import INSTANCE_COLUMN, prompt_column
+    from immiscible_pipeline.training.captions import INSTANCE_COLUMN, prompt_column
 
     labelled = datasets.Dataset.from_dict({"image": [0, 1], "label": [0, 1]}).cast_column(
         "label", datasets.ClassLabel(names=["cat", "dog"]))
@@ -299,7 +299,7 @@ def test_prompt_column_follows_diffusers_then_class_labels():
 
 
 def test_batch_of_one_warning_only_where_linear_assignment_is_a_no_op():
-    from immiscible_pipeline.trainer import assignment_batch_warning
+    from immiscible_pipeline.training.arguments import assignment_batch_warning
 
     assert BATCH_WARNING in assignment_batch_warning("linear", 1, "local", 2)
     assert BATCH_WARNING in assignment_batch_warning("linear", 1, "global", 1)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
-import immiscible_pipeline.hub as hub
-from immiscible_pipeline.consistency import denoise
+import immiscible_pipeline.training.hub_publishing as hub
+from immiscible_pipeline.training.consistency_training import denoise
 
 PROJECT = "train_immiscible_cm"  # its TensorBoard folder
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_cm.py"

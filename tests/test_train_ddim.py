@@ -17,8 +17,8 @@ from conftest import write_images
 from launching import interrupt_after_first_step, launch_command, launch_environment
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
-import immiscible_pipeline.hub as hub
-import immiscible_pipeline.trainer as shared_trainer
+import immiscible_pipeline.training.hub_publishing as hub
+import immiscible_pipeline.training.step_bookkeeping as step_bookkeeping
 
 PROJECT = "train_immiscible_ddim"  # its TensorBoard folder
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
@@ -96,7 +96,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
     flags = ["--max_train_steps", 5, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3,
              "--validation_steps", 2, "--use_ema", "--random_flip", "--lr_warmup_steps", 2, "--learning_rate", 1e-3,
              "--report_to", "none"]
-    calls, real_save = spy_on_noise(trainer, monkeypatch), shared_trainer.save_checkpoint
+    calls, real_save = spy_on_noise(trainer, monkeypatch), step_bookkeeping.save_checkpoint
 
     def save_then_crash(accelerator, output_dir, step, total_limit=None):
         path = real_save(accelerator, output_dir, step, total_limit)
@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(trainer, tmp_
             raise Interrupted
         return path
 
-    monkeypatch.setattr(shared_trainer, "save_checkpoint", save_then_crash)  # where TrainingProgress calls it
+    monkeypatch.setattr(step_bookkeeping, "save_checkpoint", save_then_crash)  # where TrainingProgress calls it
     run_in_process(trainer, tiny_args(tmp_path / "straight", *flags))
     assert len(calls) == 8
     assert not torch.equal(calls[0], calls[3])  # epoch 1 is shuffled and augmented anew
@@ -303,9 +303,9 @@ def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
 
 
 def test_hub_token_with_wandb_is_refused(trainer, monkeypatch):
-    import immiscible_pipeline.trainer
+    import immiscible_pipeline.training.arguments
 
-    monkeypatch.setattr(immiscible_pipeline.trainer, "check_report_to", lambda report_to: None)  # as if wandb were there
+    monkeypatch.setattr(immiscible_pipeline.training.arguments, "check_report_to", lambda report_to: None)  # as if wandb were there
     with pytest.raises(ValueError, match="--report_to=wandb and --hub_token"):
         trainer.parse_args(["--report_to", "wandb", "--hub_token", "x"])
 

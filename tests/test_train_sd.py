@@ -279,8 +279,8 @@ def test_min_snr_loss_weights_each_sample():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from immiscible_pipeline.sd_training import min_snr_loss
-    from immiscible_pipeline.training import diffusion_loss
+    from immiscible_pipeline.training.losses import min_snr_loss
+    from immiscible_pipeline.training.losses import diffusion_loss
 
     generator = torch.Generator().manual_seed(0)
     clean, noise, pred = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(3))
@@ -296,8 +296,8 @@ def test_min_snr_loss_weights_each_sample():
 
 
 def test_resize_filter_is_used_and_the_rest_is_data_image_transform():
-    from immiscible_pipeline.data import ImageTransform
-    from immiscible_pipeline.sd_training import FilteredImageTransform
+    from immiscible_pipeline.training.image_data import ImageTransform
+    from immiscible_pipeline.training.stable_diffusion import FilteredImageTransform
 
     pixels = torch.Generator().manual_seed(0)
     image = Image.fromarray((torch.rand(40, 60, 3, generator=pixels) * 255).to(torch.uint8).numpy())
@@ -311,7 +311,7 @@ def test_resize_filter_is_used_and_the_rest_is_data_image_transform():
 
 
 def test_pretrained_model_checks(tmp_path, tiny_sd):
-    from immiscible_pipeline.sd_training import check_pretrained_model
+    from immiscible_pipeline.training.stable_diffusion import check_pretrained_model
 
     check_pretrained_model(tiny_sd)  # a complete folder passes
     with pytest.raises(ValueError, match="no such folder"):

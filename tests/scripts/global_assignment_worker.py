@@ -9,8 +9,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from immiscible_pipeline.distributed import build_immiscible
-from immiscible_pipeline.training import end_training
+from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.training.accelerator_setup import end_training
 
 
 def batch(seed, size, shape=(3, 4, 4), dtype=torch.float32):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .features import FeatureExtractor
-from .reference_data import ReferenceSpec, load_reference_images
+from .reference_images import load_reference_images, ReferenceSpec
 
 REFERENCE_STATS_VERSION = 1  # bump when the preprocessing of reference images changes
 

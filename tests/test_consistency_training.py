@@ -1,4 +1,4 @@
-"""immiscible_pipeline.consistency: iCT's curriculum, levels and loss, and parity with diffusers' sampler."""
+"""immiscible_pipeline.training.consistency_training: iCT's curriculum, levels and loss, and parity with diffusers' sampler."""
 
 import contextlib
 import math
@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
 
-import immiscible_pipeline.consistency as consistency
-from immiscible_pipeline.consistency import ConsistencyRecipe, consistency_loss, denoise, same_random_state
+import immiscible_pipeline.training.consistency_training as consistency
+from immiscible_pipeline.training.consistency_training import (ConsistencyRecipe, consistency_loss, denoise,
+                                                               same_random_state)
 
 
 @pytest.fixture

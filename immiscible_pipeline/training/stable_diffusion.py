@@ -1,21 +1,15 @@
-"""Pieces of the latent Stable Diffusion trainer that are not about data or prompts: checking the pretrained
-model, min-SNR loss weighting, the image resize filter, a StableDiffusionPipeline from trained parts, and the
-warning for linear assignment on batches of one.
-
-Candidates for `training.py` / `data.py` / `trainer.py` once a second script needs them (min-SNR, the
-interpolation filter, the batch-of-one warning).
-"""
+"""Pieces of the latent Stable Diffusion trainer that are not about data, prompts or LoRA: checking the
+pretrained model, the image resize filter, the inference scheduler, and a StableDiffusionPipeline from trained
+parts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .data import ImageTransform
-from .training import diffusion_loss, training_target
+from .image_data import ImageTransform
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 INTERPOLATIONS = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR, "hamming": Image.HAMMING,
@@ -47,26 +41,6 @@ def check_pretrained_model(name_or_path: str, revision: str | None = None) -> No
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Pass a "
                          f"local folder, or check the name, your network and `huggingface-cli login`.") from error
 
-
-def min_snr_loss(scheduler, model_pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
-                 timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
-    """`training.diffusion_loss`, or with `snr_gamma` the min-SNR-gamma weighted loss (arXiv 2303.09556):
-    each sample's MSE weighted by min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction, and
-    min(SNR, gamma) for predicting the sample, with diffusers' `compute_snr`."""
-    if snr_gamma is None:
-        return diffusion_loss(scheduler, model_pred, clean, noise, timesteps)
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps).float()
-    weights = snr.clamp(max=snr_gamma)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        weights = weights / snr
-    elif prediction_type == "v_prediction":
-        weights = weights / (snr + 1)
-    target = training_target(scheduler, clean, noise, timesteps)
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return (per_sample * weights.to(per_sample.device)).mean()
 
 
 class FilteredImageTransform(ImageTransform):

@@ -1,9 +1,9 @@
-"""immiscible_pipeline.pixel_unet: presets, loading a config, the resolution and channel checks."""
+"""immiscible_pipeline.training.unet_presets: presets, loading a config, the resolution and channel checks."""
 
 import pytest
 from diffusers import UNet2DModel
 
-from immiscible_pipeline.pixel_unet import CIFAR10_UNET, MNIST_UNET, check_unet_config, load_unet_config
+from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET, check_unet_config, load_unet_config
 
 
 def test_presets_are_valid_and_sized_as_documented():

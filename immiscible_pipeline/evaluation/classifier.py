@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .features import ClassifierFeatures, SmallClassifier, uint8_to_unit
-from .reference_data import ReferenceSpec, load_reference_images
+from .reference_images import load_reference_images, ReferenceSpec
 
 CLASSIFIER_VERSION = 2  # bump when SmallClassifier or the training recipe changes: old caches are then ignored
 

@@ -1,4 +1,4 @@
-"""immiscible_pipeline.training: loss target, checkpoints, resume position, EMA hooks, trackers, grids."""
+"""immiscible_pipeline.training (losses, checkpoints, accelerator_setup, sample_grids): loss target, checkpoints, resume position, EMA hooks, trackers, grids."""
 
 import json
 import os
@@ -13,11 +13,14 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from immiscible_pipeline.training import (StopOnSignal, averaged_weights, check_report_to, check_xformers_available,
-                                          checkpoint_step, diffusion_loss, find_checkpoint, image_grid,
-                                          list_checkpoints, log_images, load_ema, register_checkpoint_hooks,
-                                          resume_position, rotate_checkpoints, sample_images, save_checkpoint, save_ema,
-                                          tracker_config, training_target, updates_per_epoch, weight_dtype)
+from immiscible_pipeline.training.accelerator_setup import tracker_config, weight_dtype
+from immiscible_pipeline.training.arguments import check_report_to, check_xformers_available
+from immiscible_pipeline.training.checkpoints import (checkpoint_step, find_checkpoint, list_checkpoints, load_ema,
+                                                      register_checkpoint_hooks, resume_position, rotate_checkpoints,
+                                                      save_checkpoint, save_ema, updates_per_epoch)
+from immiscible_pipeline.training.interruption import StopOnSignal
+from immiscible_pipeline.training.losses import diffusion_loss, training_target
+from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .assignment import AssignmentStats, ImmiscibleNoise, as_group_tensor, can_repair, draw_noise
+from .immiscible_noise import as_group_tensor, AssignmentStats, can_repair, draw_noise, ImmiscibleNoise
 from .linear_assignment import COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2
 
 logger = logging.getLogger(__name__)

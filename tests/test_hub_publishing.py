@@ -1,11 +1,11 @@
-"""immiscible_pipeline.hub: token safety, repo creation, model card, upload (Hub client substituted)."""
+"""immiscible_pipeline.training.hub_publishing: token safety, repo creation, model card, upload (Hub client substituted)."""
 
 from types import SimpleNamespace
 
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from immiscible_pipeline import hub
+from immiscible_pipeline.training import hub_publishing as hub
 
 
 def test_hub_token_is_refused_with_wandb():

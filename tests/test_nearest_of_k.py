@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 
 from immiscible_pipeline import ImmiscibleNoise, knn_noise, knn_noise_reference
-from immiscible_pipeline.knn import sample_chi2
+from immiscible_pipeline.noise.nearest_of_k import sample_chi2
 
 
 def test_reference_keeps_the_nearest_of_its_candidates():

@@ -8,8 +8,8 @@
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=global_step)
 
 Pieces: `sampling.py` (images split across processes, seeded per image), `features.py` (the FID InceptionV3
-and the dataset classifier), `classifier.py` (training and caching the classifier), `reference_stats.py`
-(cached reference features), `metrics.py` (torchmetrics FID / KID). Features are computed where the images
+and the dataset classifier), `classifier.py` (training and caching the classifier), `reference_features.py`
+(cached reference features), `fid_kid.py` (torchmetrics FID / KID). Features are computed where the images
 are made, gathered in image order to every process, and the metrics computed on the main process. Image i
 always gets the same noise, so the numbers do not depend on the number of processes or the batch size.
 """
@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from .classifier import ClassifierTraining, cached_classifier_features
+from .classifier import cached_classifier_features, ClassifierTraining
 from .features import FeatureExtractor, InceptionFeatures
-from .metrics import fid_kid
-from .reference_data import ReferenceSpec
-from .reference_stats import default_cache_dir, reference_features
+from .fid_kid import fid_kid
+from .reference_features import default_cache_dir, reference_features
+from .reference_images import ReferenceSpec
 from .sampling import pipeline_image_shape, sample_images
 
 FEATURES = ("inception", "classifier")

@@ -1,6 +1,6 @@
-"""immiscible_pipeline.trainer: the pieces that do not need a training run."""
+"""immiscible_pipeline.training (arguments, accelerator_setup, step_bookkeeping, pixel_trainers): the pieces that do not need a training run."""
 
-from immiscible_pipeline.trainer import cpu_thread_advice
+from immiscible_pipeline.training.accelerator_setup import cpu_thread_advice
 
 
 def test_cpu_training_with_idle_cores_gets_the_launch_flag_that_uses_them():

@@ -3,7 +3,7 @@
     imm = ImmiscibleNoise(method="linear")
     noise = imm(latents)                    # instead of torch.randn_like(latents)
 
-Tensors in, tensors out: no files, no Accelerate (see `distributed.py` for the global batch).
+Tensors in, tensors out: no files, no Accelerate (see `global_batch.py` for the global batch).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .knn import knn_noise, knn_noise_reference
-from .linear_assignment import (COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2,
-                                resolve_cost_dtype)
+from .linear_assignment import COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2, resolve_cost_dtype
+from .nearest_of_k import knn_noise, knn_noise_reference
 
 METHODS = ("none", "linear", "knn")
 KNN_SAMPLERS = ("fast", "reference")

@@ -1,4 +1,4 @@
-"""immiscible_pipeline.data: sources, column checks, transforms, seeded augmentation and shuffling."""
+"""immiscible_pipeline.training.image_data: sources, column checks, transforms, seeded augmentation and shuffling."""
 
 import io
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from immiscible_pipeline.data import (EpochShuffle, ImageTransform, TrainImages, check_column, load_image_dataset,
-                                      load_mnist, mnist_arrays, to_pil, train_dataloader)
+from immiscible_pipeline.training.image_data import (EpochShuffle, ImageTransform, TrainImages, check_column,
+                                                     load_image_dataset, load_mnist, mnist_arrays, to_pil,
+                                                     train_dataloader)
 
 
 def test_bundled_mnist_splits_and_exact_bytes():

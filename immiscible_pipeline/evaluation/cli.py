@@ -1,0 +1,203 @@
+"""FID / KID of a saved pipeline (or a folder of images) against a reference dataset.
+
+    python -m immiscible_pipeline.evaluate --model output/ --reference mnist --feature classifier
+    accelerate launch -m immiscible_pipeline.evaluate --model output/ --reference cifar10 \
+        --reference_image_column img --num_samples 10000 --feature inception
+    python -m immiscible_pipeline.evaluate --model sd-out/ --reference imagenet-folder/ \
+        --prompts_file class_prompts.txt --samples_per_class 50
+    python -m immiscible_pipeline.evaluate --model cm-out/ --num_inference_steps 1 2   # one FID per step count
+
+Prints the metrics and writes them as JSON (`--output_json`, default `<model>/evaluation.json`).
+With `--sample_only --save_images DIR` it only writes the images (the sampling command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a saved diffusers pipeline folder (DDIMPipeline, StableDiffusionPipeline, ...)")
+    source.add_argument("--images", help="a folder of generated images to score instead of sampling from a model")
+    parser.add_argument("--reference", default="mnist",
+                        help="'mnist' (bundled, offline), a local image folder, or a Hub dataset name")
+    parser.add_argument("--reference_split", default="train")
+    parser.add_argument("--reference_config_name", default=None)
+    parser.add_argument("--reference_image_column", default=None, help="default: 'image' or 'img'")
+    parser.add_argument("--reference_label_column", default=None,
+                        help="labels for training the classifier (default: 'label')")
+    parser.add_argument("--num_reference", type=int, default=10_000,
+                        help="reference images (a seeded subset; 0 = the whole split); their features are cached")
+    parser.add_argument("--feature", choices=("inception", "classifier"), default="inception",
+                        help="inception: the FID InceptionV3 (comparable with published FIDs; ~4-8 img/s on CPU). "
+                             "classifier: a small CNN trained on the reference's labels (MNIST practice), cached")
+    parser.add_argument("--num_samples", type=int, default=2000, help="images to generate")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per pipeline call")
+    parser.add_argument("--num_inference_steps", type=int, nargs="+", default=None,
+                        help="sampler steps; several give one result each (default: 1 and 2 for a consistency "
+                             "model, 50 otherwise; --sample_only takes one: 1 for a consistency model)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
+    parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")
+    parser.add_argument("--prompts_file", default=None, help="the class prompts, one per line")
+    parser.add_argument("--samples_per_class", type=int, default=None,
+                        help="images per class prompt (overrides --num_samples)")
+    parser.add_argument("--class_weights", type=float, nargs="+", default=None,
+                        help="a class distribution for --num_samples (default: uniform)")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--save_images", default=None, help="write the generated images here as PNG files")
+    parser.add_argument("--sample_only", action="store_true", help="only generate (needs --save_images); no metrics")
+    parser.add_argument("--output_json", default=None, help="default: <model or images>/evaluation.json")
+    parser.add_argument("--cache_dir", default=None,
+                        help="classifier and reference features cache (default: $IMMISCIBLE_CACHE or "
+                             "~/.cache/immiscible_pipeline)")
+    parser.add_argument("--classifier_steps", type=int, default=1500, help="training steps of the classifier")
+    parser.add_argument("--kid_subsets", type=int, default=100)
+    parser.add_argument("--kid_subset_size", type=int, default=1000)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of the pipeline weights for sampling")
+    args = parser.parse_args(argv)
+    if args.prompts and args.prompts_file:
+        parser.error("give --prompts or --prompts_file, not both")
+    if args.sample_only and (args.images or not args.save_images):
+        parser.error("--sample_only needs --model and --save_images")
+    if args.num_samples < 2 and not args.sample_only and args.samples_per_class is None:
+        parser.error("--num_samples must be >= 2 for FID")
+    if args.num_inference_steps is not None and min(args.num_inference_steps) < 1:
+        parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
+    if args.sample_only and args.num_inference_steps is not None and len(args.num_inference_steps) > 1:
+        parser.error("--sample_only writes one set of images: give one --num_inference_steps")
+    return args
+
+
+def load_prompts(args):
+    from .sampling import class_prompts
+
+    texts = args.prompts
+    if args.prompts_file:
+        with open(args.prompts_file) as handle:
+            texts = [line.strip() for line in handle if line.strip()]
+    if not texts:
+        return None
+    return class_prompts(texts, num_images=None if args.samples_per_class else args.num_samples,
+                         per_class=args.samples_per_class, weights=args.class_weights)
+
+
+def default_inference_steps(pipeline) -> list[int]:
+    """One- and two-step sampling for a consistency model (its sampler allows at most its 40 levels), 50 for
+    DDIM and the like."""
+    return [1, 2] if type(pipeline).__name__ == "ConsistencyModelPipeline" else [50]
+
+
+def load_pipeline(args, accelerator):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(args.model).to(accelerator.device)
+    return pipeline if args.dtype == "float32" else pipeline.to(dtype=getattr(torch, args.dtype))
+
+
+def score_folder(args, reference, extractor_args) -> dict:
+    """Metrics of an existing image folder (single process)."""
+    from PIL import Image
+
+    from .pipeline_metrics import build_feature_extractor
+    from .fid_kid import fid_kid
+    from ..training.image_data import image_files
+    from .reference_images import ReferenceSpec, load_reference_images
+    from .reference_features import reference_features
+
+    files = image_files(args.images)
+    if len(files) < 2:
+        raise SystemExit(f"{args.images} holds {len(files)} images; FID needs at least 2")
+    with Image.open(files[0]) as first:
+        resolution, channels = min(first.size), (1 if first.mode in ("L", "1", "I;16") else 3)
+    extractor = build_feature_extractor(args.feature, reference, resolution, channels, **extractor_args)
+    images, _ = load_reference_images(ReferenceSpec(args.images), resolution, channels)
+    fake = extractor.extract(images)
+    real, record = reference_features(reference, extractor, resolution, channels, args.num_reference or None,
+                                      args.cache_dir)
+    result = fid_kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
+    if hasattr(extractor, "confident_fraction"):
+        result.update(confident_fraction=extractor.confident_fraction(fake),
+                      reference_confident_fraction=extractor.confident_fraction(real))
+    result.update(feature=extractor.name, reference=reference.name, reference_split=reference.split,
+                  resolution=resolution, channels=channels, reference_from_cache=record["from_cache"])
+    accuracy = getattr(extractor, "info", {}).get("test_accuracy")
+    if accuracy is not None:
+        result["classifier_test_accuracy"] = accuracy
+    return result
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from .classifier import ClassifierTraining
+    from .pipeline_metrics import evaluate_pipeline
+    from .reference_images import ReferenceSpec
+    from .sampling import sample_images
+
+    reference = ReferenceSpec(args.reference, args.reference_split, args.reference_config_name,
+                              args.reference_image_column, args.reference_label_column)
+    extractor_args = {"cache_dir": args.cache_dir,
+                      "classifier_settings": ClassifierTraining(steps=args.classifier_steps)}
+    if args.images:
+        result = score_folder(args, reference, extractor_args)
+        is_main = True
+    else:
+        accelerator = Accelerator()
+        is_main = accelerator.is_main_process
+        pipeline = load_pipeline(args, accelerator)
+        steps = args.num_inference_steps or default_inference_steps(pipeline)
+        prompts = load_prompts(args)
+        num_samples = len(prompts.prompts) if prompts is not None else args.num_samples
+        if args.sample_only:
+            sample_images(pipeline, num_samples, batch_size=args.batch_size, seed=args.seed,
+                          num_inference_steps=steps[0], eta=args.eta,
+                          prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
+                          accelerator=accelerator, output_dir=args.save_images, keep_in_memory=False)
+            if is_main:
+                print(f"wrote {num_samples} images to {args.save_images} with {accelerator.num_processes} process(es)")
+            return None
+        results = {}
+        for num_steps in steps:
+            save_images = args.save_images
+            if save_images is not None and len(steps) > 1:
+                save_images = os.path.join(save_images, f"{num_steps}-step")
+            results[num_steps] = evaluate_pipeline(
+                pipeline, reference, num_samples, feature=args.feature, num_reference=args.num_reference or None,
+                batch_size=args.batch_size, seed=args.seed, num_inference_steps=num_steps, eta=args.eta,
+                prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
+                accelerator=accelerator, output_dir=save_images, kid_subsets=args.kid_subsets,
+                kid_subset_size=args.kid_subset_size, **extractor_args)
+        # One step count: its record, as always; several: one record per count, keyed by it.
+        result = results[steps[0]] if len(steps) == 1 else {
+            "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
+    if is_main:
+        source = args.model or args.images
+        result["source"] = os.path.abspath(source)
+        path = args.output_json or os.path.join(source, "evaluation.json")
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
+        for record in (result["results"].values() if "results" in result else [result]):
+            print_metrics(record, reference)
+        print(f"wrote {path}")
+    return result
+
+
+def print_metrics(record: dict, reference) -> None:
+    accuracy = record.get("classifier_test_accuracy")
+    feature = record["feature"] + (f" (test accuracy {accuracy:.4f})" if accuracy is not None else "")
+    steps = f"{record['num_inference_steps']}-step sampling: " if "num_inference_steps" in record else ""
+    print(f"{steps}FID {record['fid']:.4f}  KID {record['kid_mean']:.6f} +- {record['kid_std']:.6f}  "
+          f"({record['num_fake']} samples vs {record['num_real']} reference images of "
+          f"{reference.name}:{reference.split}, features: {feature})")
+    if "confident_fraction" in record:
+        print(f"{steps}classifier confidence >= 0.9 for {record['confident_fraction']:.3f} of the samples "
+              f"({record['reference_confident_fraction']:.3f} of the reference images)")
+

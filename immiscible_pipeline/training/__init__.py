@@ -1,0 +1,16 @@
+"""What the trainer scripts stand on, so that each reads top to bottom with one visible loop.
+
+Shared by all three trainers:
+- `arguments`: the flag groups and the checks that name the flag at fault.
+- `accelerator_setup`: the Accelerator, CPU threads, EMA, the learning-rate schedule, a clean end.
+- `checkpoints`: atomic `checkpoint-<step>` folders, EMA inside them, exact resume.
+- `interruption`: Ctrl-C / SIGTERM as "checkpoint and stop" on every process.
+- `step_bookkeeping`: `TrainingProgress`, everything after a micro-batch (EMA, logs, bar, checkpoints, stop).
+- `losses`, `sample_grids`, `hub_publishing` (repo, model card, upload), `diffusers_example_flags` (the
+  flags of diffusers' example scripts, accepted or refused by name).
+
+Per trainer:
+- pixel space (DDIM, CM): `image_data`, `pixel_trainers`, `unet_presets`; `consistency_training` (iCT).
+- latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`; `tiny_stable_diffusion`
+  builds a tiny SD folder from configs for tests and CPU benchmarks.
+"""

@@ -1,0 +1,128 @@
+"""Setting up and ending a run: the Accelerator, CPU threads, EMA, the learning-rate schedule, the precision of
+frozen weights, tracker settings, and a clean end with several processes.
+
+    accelerator, repo_id = setup_accelerator(args)
+    lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, num_epochs)
+    ema = make_ema(model, args, accelerator.device)
+    ...
+    end_training(accelerator)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from .checkpoints import updates_per_epoch
+from .hub_publishing import create_hub_repo
+
+logger = logging.getLogger(__name__)
+
+
+def setup_accelerator(args):
+    """The Accelerator (accumulation, precision, tracker, logging folder), the same initial seed on every
+    process, the output folder and, with --push_to_hub, the Hub repo (created first so a bad token fails
+    early). Returns (accelerator, repo_id or None)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    advice = cpu_thread_advice(accelerator.device.type, torch.get_num_threads(), available_cores(),
+                               accelerator.num_processes)
+    if advice and accelerator.is_main_process:
+        logger.warning(advice)
+    if args.seed is not None:
+        set_seed(args.seed)  # the same initial weights on every process
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+    return accelerator, repo_id
+
+
+def cpu_thread_advice(device_type: str, threads: int, cores: int, processes: int) -> str | None:
+    """A warning when CPU training leaves cores idle, else None. `accelerate launch` without a config sets
+    OMP_NUM_THREADS=1 on a machine with no GPU (the MNIST demo then ran 1.6x slower on 2 cores)."""
+    per_process = cores // max(processes, 1)
+    if device_type != "cpu" or threads >= per_process:
+        return None
+    return (f"Training on the CPU with {threads} thread(s) per process while {cores} cores are free for "
+            f"{processes} process(es): to use them, launch with `accelerate launch --num_cpu_threads_per_process "
+            f"{per_process} ...` (or set OMP_NUM_THREADS={per_process})")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def make_ema(model, args, device):
+    """diffusers' EMAModel of `model` with the warm-up flags, on `device`; None without --use_ema."""
+    if not args.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                   power=args.ema_power, model_cls=type(model), model_config=model.config)
+    ema.to(device)
+    return ema
+
+
+def make_lr_scheduler(args, optimizer, num_batches: int, accelerator, num_epochs: int):
+    """(lr scheduler, max_train_steps) before `accelerator.prepare`: the steps of `num_epochs` epochs of a
+    loader of `num_batches` once split across the processes, unless --max_train_steps says otherwise. The
+    prepared scheduler steps once per process, hence the factor."""
+    from diffusers.optimization import get_scheduler
+
+    num_update_steps = updates_per_epoch(math.ceil(num_batches / accelerator.num_processes),
+                                         args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or num_epochs * num_update_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    return lr_scheduler, max_train_steps
+
+
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype for frozen weights under `mixed_precision` ("no", "fp16", "bf16"); trained weights stay float32."""
+    return PRECISION_DTYPES.get(mixed_precision or "no", torch.float32)
+
+
+def tracker_config(values: dict) -> dict:
+    """Run settings as tracker hyper-parameters: TensorBoard takes only numbers, strings and booleans."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in values.items()}
+
+
+def end_training(accelerator=None) -> None:
+    """A pause with the GIL free, then `accelerator.end_training()` (trackers closed, process group destroyed);
+    without an accelerator, the process group of accelerate's shared state is destroyed.
+
+    With several processes on gloo (CPU), the process group's worker threads free each finished collective's
+    tensors, which needs the GIL. If the group is destroyed (by `destroy_process_group`, or later with the DDP
+    model that owns it) before they are done, its destructor joins them while holding the GIL and the process
+    hangs for ever: torch issue #190489, seen here in about one of seven 2-process runs. The pause lets them
+    finish first; no collective follows it."""
+    from accelerate import PartialState
+
+    state = accelerator if accelerator is not None else PartialState()
+    if state.num_processes > 1:
+        time.sleep(0.5)
+    if accelerator is not None:
+        accelerator.end_training()
+    else:
+        state.destroy_process_group()
