@@ -178,8 +178,8 @@ def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, t
 
 
 def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp_path, tiny_args, monkeypatch):
-    returned, losses, added = [], [], []
-    real_build, real_loss, real_add_noise = trainer.build_immiscible, trainer.diffusion_loss, DDPMScheduler.add_noise
+    returned, losses, added, gammas = [], [], [], []
+    real_build, real_loss, real_add_noise = trainer.build_immiscible, trainer.min_snr_loss, DDPMScheduler.add_noise
 
     def build_permuting(*args, **kwargs):
         imm = real_build(*args, **kwargs)
@@ -193,21 +193,22 @@ def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp
                 return noise
         return Permuting()
 
-    def recording_loss(scheduler, model_pred, clean, noise, timesteps):
+    def recording_loss(scheduler, model_pred, clean, noise, timesteps, snr_gamma):
         losses.append(noise.clone())
-        return real_loss(scheduler, model_pred, clean, noise, timesteps)
+        gammas.append(snr_gamma)
+        return real_loss(scheduler, model_pred, clean, noise, timesteps, snr_gamma)
 
     def recording_add_noise(self, original, noise, timesteps):
         added.append(noise.clone())
         return real_add_noise(self, original, noise, timesteps)
 
     monkeypatch.setattr(trainer, "build_immiscible", build_permuting)
-    monkeypatch.setattr(trainer, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(trainer, "min_snr_loss", recording_loss)
     monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
     # "global" with one process must simply work (the same as local).
     run_in_process(trainer, tiny_args(tmp_path / "run", "--max_train_steps", 3, "--report_to", "none",
-                                      "--assignment_scope", "global"))
-    assert len(returned) == len(losses) == len(added) == 3
+                                      "--assignment_scope", "global", "--snr_gamma", 5))
+    assert len(returned) == len(losses) == len(added) == 3 and gammas == [5.0] * 3  # min-SNR weighting, as asked
     for mine, target, noised in zip(returned, losses, added):
         assert torch.equal(mine, target) and torch.equal(mine, noised)
 
@@ -277,13 +278,17 @@ def test_diffusers_train_unconditional_test_commands_run_unchanged(trainer, tmp_
 
 def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
-    assert demo.bundled_demo and demo.max_train_steps == 1200 and demo.use_ema and demo.learning_rate == 1e-3
-    assert demo.train_batch_size == 64
+    assert demo.bundled_demo and demo.use_ema
+    assert (demo.max_train_steps, demo.train_batch_size, demo.learning_rate) == (2400, 32, 1e-3)
+    assert (demo.prediction_type, demo.ddpm_beta_schedule, demo.snr_gamma) == ("sample", "squaredcos_cap_v2", 5.0)
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
     assert dataset.train_batch_size == 128
+    # with a dataset, diffusers' train_unconditional.py choices; --snr_gamma 0 turns the demo's weighting off
+    assert (dataset.prediction_type, dataset.ddpm_beta_schedule, dataset.snr_gamma) == ("epsilon", "linear", None)
+    assert trainer.parse_args(["--snr_gamma", "0"]).snr_gamma is None
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
     assert dataset.eval_inference_steps == dataset.ddim_num_inference_steps
 
@@ -296,6 +301,7 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),
     (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
     (["--eval_num_samples", "1"], "--eval_num_samples must be at least 2"),
+    (["--snr_gamma", "-1"], "--snr_gamma must be positive, or 0 for no min-SNR weighting; got -1.0"),
 ])
 def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
