@@ -1,4 +1,6 @@
-"""immiscible_pipeline.training (losses, checkpoints, accelerator_setup, sample_grids): loss target, checkpoints, resume position, EMA hooks, trackers, grids."""
+"""The losses, checkpoints, accelerator_setup, interruption and sample_grids modules of
+immiscible_pipeline.training: loss targets and min-SNR, checkpoints, resume position, EMA hooks, Ctrl-C,
+trackers, grids."""
 
 import json
 import os
@@ -10,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 
 from immiscible_pipeline.training.accelerator_setup import tracker_config, weight_dtype
@@ -19,7 +21,7 @@ from immiscible_pipeline.training.checkpoints import (checkpoint_step, find_chec
                                                       register_checkpoint_hooks, resume_position, rotate_checkpoints,
                                                       save_checkpoint, save_ema, updates_per_epoch)
 from immiscible_pipeline.training.interruption import StopOnSignal
-from immiscible_pipeline.training.losses import diffusion_loss, training_target
+from immiscible_pipeline.training.losses import diffusion_loss, min_snr_loss, training_target
 from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
 
 
@@ -50,6 +52,23 @@ def test_target_is_built_from_the_noise_given(prediction_type):
     if prediction_type != "sample":  # another noise, another target
         other = noise.flip(0)
         assert not torch.allclose(training_target(scheduler, clean, other, timesteps), target)
+
+
+def test_min_snr_loss_weights_each_sample():
+    generator = torch.Generator().manual_seed(0)
+    clean, noise, pred = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(3))
+    timesteps = torch.tensor([1, 50, 400, 999])
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler(prediction_type=prediction_type)
+        target = {"epsilon": noise, "v_prediction": scheduler.get_velocity(clean, noise, timesteps),
+                  "sample": clean}[prediction_type]
+        snr = compute_snr(scheduler, timesteps)
+        # min(SNR, gamma) / SNR on the noise, / (SNR + 1) on the velocity, as it is on the clean image
+        divisor = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
+        expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * snr.clamp(max=5.0) / divisor
+        torch.testing.assert_close(min_snr_loss(scheduler, pred, clean, noise, timesteps, 5.0), expected.mean())
+        assert min_snr_loss(scheduler, pred, clean, noise, timesteps) == diffusion_loss(scheduler, pred, clean, noise,
+                                                                                        timesteps)
 
 
 def test_precision_and_xformers():
