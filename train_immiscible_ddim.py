@@ -7,7 +7,8 @@
 Like diffusers' examples/unconditional_image_generation/train_unconditional.py (its command lines work: same
 flag names, aliases, or an error saying what to use instead), plus the immiscible flags. The one change to the
 usual loop: each micro-batch's noise is drawn and assigned to its images (`noise = immiscible(clean_images)`)
-before `add_noise`, and that assigned noise is the loss target.
+before `add_noise`, and the loss target is built from that assigned noise (the noise itself for epsilon
+prediction, the velocity for v-prediction; the clean image, which the demo predicts, needs no noise).
 """
 
 import argparse
@@ -197,7 +198,7 @@ def main(args):
                                           device=clean_images.device)
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
                 model_pred = model(noisy_images, timesteps).sample
-                loss = min_snr_loss(noise_scheduler, model_pred, clean_images, noise, timesteps,  # target: `noise`
+                loss = min_snr_loss(noise_scheduler, model_pred, clean_images, noise, timesteps,  # target from `noise`
                                     args.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -272,7 +273,8 @@ def push_to_hub(args, repo_id, summary):
                 "dataset": summary["dataset"], "resolution": args.resolution,
                 "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
                 "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
-                "prediction type": args.prediction_type, "mixed precision": summary["mixed_precision"]}
+                "prediction type": args.prediction_type, "beta schedule": args.ddpm_beta_schedule,
+                "min-SNR gamma": args.snr_gamma or "-", "mixed precision": summary["mixed_precision"]}
     description = card_description(
         title=f"Immiscible DDIM: {repo_id}",
         summary=(f"An unconditional DDIM model trained with Immiscible Diffusion ({args.immiscible} noise "

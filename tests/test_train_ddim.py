@@ -237,7 +237,8 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
     card = (output / "README.md").read_text()
     for text in ("- immiscible-diffusion", "- immiscible-knn", "- ddim", "| assignment | knn |", "| k (knn) | 4 |",
                  "| assignment scope | local |", "| batch size (total) | 4 |", "| steps | 2 |",
-                 "| mixed precision | bf16 |", "| prediction type | v_prediction |",
+                 "| mixed precision | bf16 |", "| prediction type | v_prediction |", "| beta schedule | linear |",
+                 "| min-SNR gamma | - |",
                  f"| dataset | image folder {tiny_args(output)[1]} |", "![samples](samples.png)",
                  'DiffusionPipeline.from_pretrained("me/tiny-ddim")'):
         assert text in card, text
