@@ -34,7 +34,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 def launch(output_dir: Path, flags: list, processes: int = 1) -> Path:
     """Runs the script with `accelerate launch`; returns output_dir (the log is output_dir.log)."""
     proc = run_launched(launch_command(processes, SCRIPT, "--output_dir", output_dir, *flags),
-                        env=launch_environment(), timeout=540)
+                        env=launch_environment(), timeout=420)
     Path(f"{output_dir}.log").write_text(proc.stdout)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-6000:]}"
     return output_dir

@@ -58,6 +58,7 @@ def spy_on_noise(trainer, monkeypatch, interrupt_on_call=()) -> list:
 
 def launch(script, argv, processes: int = 1) -> subprocess.CompletedProcess:
     """`accelerate launch` of a trainer with `processes` CPU processes; fails the test with its output if it fails."""
+    # Below pytest's 600 s, so that a hang fails with every rank's stack and output in the report.
     result = run_launched(launch_command(processes, script, *argv), env=launch_environment(), timeout=420)
     assert result.returncode == 0, f"launch failed:\n{result.stdout[-6000:]}"
     return result
