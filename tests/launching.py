@@ -42,7 +42,7 @@ def launch_environment(**extra) -> dict:
     sets it on a CPU: with more threads than free cores, OpenMP's waiting makes a tiny step ~30x slower on a
     busy machine."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    # PYTHONFAULTHANDLER: a rank killed by `_dump_stacks` prints every thread's stack first.
+    # PYTHONFAULTHANDLER: a rank stopped by `_stop_hung` prints every thread's stack first.
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true",
                 PYTHONPATH=path, PYTHONFAULTHANDLER="1", **{"OMP_NUM_THREADS": "1", **extra})
 
@@ -60,34 +60,33 @@ def _signal_group(proc: subprocess.Popen, signum) -> None:
         pass
 
 
-def _dump_stacks(proc: subprocess.Popen) -> None:
-    """SIGABRT to every process the launcher started: with PYTHONFAULTHANDLER set, each prints the Python stack
-    of all its threads before it dies, so a hang shows where every rank was waiting."""
+def _descendants(proc: subprocess.Popen) -> list:
+    """Every process the launcher started (torchrun's ranks included), or none once it is gone."""
     try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
+        return psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return
-    for child in descendants:
+        return []
+
+
+def _signal_each(processes, signum) -> None:
+    for process in processes:
         try:
-            child.send_signal(signal.SIGABRT)
+            process.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
+
+
+def _stop_hung(proc: subprocess.Popen) -> None:
+    """Ends a launch that overran its time: first SIGABRT to every process it started (with PYTHONFAULTHANDLER
+    set, each prints the Python stack of all its threads before it dies, so the output shows where every rank
+    was waiting), then SIGKILL to the launcher's group and to every process it started (torchrun starts its
+    ranks in sessions of their own, which the group does not reach)."""
+    descendants = _descendants(proc)
+    _signal_each(descendants, signal.SIGABRT)
     psutil.wait_procs(descendants, timeout=20)
-
-
-def _kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL to the launcher's group and to every process it started: torchrun starts its ranks in sessions
-    of their own, which the group does not reach."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
+    descendants = _descendants(proc)
     _signal_group(proc, signal.SIGKILL)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_each(descendants, signal.SIGKILL)
 
 
 def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -97,8 +96,7 @@ def run_launched(command, timeout: float, **kwargs) -> subprocess.CompletedProce
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _dump_stacks(proc)
-        _kill_all(proc)
+        _stop_hung(proc)
         output, _ = proc.communicate(timeout=60)
         raise AssertionError(f"{command} timed out after {timeout} s:\n{output[-12000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, output, "")
@@ -123,7 +121,7 @@ def interrupt_after_first_step(command, timeout: float, signum=signal.SIGINT, **
     # the training process has finished saving.
     reader.join(timeout=timeout)
     if reader.is_alive():
-        _kill_all(proc)
+        _stop_hung(proc)
         reader.join(timeout=60)
     proc.wait(timeout=60)
     output = b"".join(chunks).decode(errors="replace")
