@@ -3,13 +3,18 @@
 import pytest
 from diffusers import UNet2DModel
 
-from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET, check_unet_config, load_unet_config
+from immiscible_pipeline.training.unet_presets import (CIFAR10_UNET, MNIST_DEMO_UNET, MNIST_UNET, check_unet_config,
+                                                       load_unet_config)
 
 
 def test_presets_are_valid_and_sized_as_documented():
     small = UNet2DModel(**MNIST_UNET)
     assert 1.0e6 < sum(p.numel() for p in small.parameters()) < 1.2e6
+    demo = UNet2DModel(**MNIST_DEMO_UNET)
+    assert 0.6e6 < sum(p.numel() for p in demo.parameters()) < 0.7e6
+    assert not any("Attn" in block for block in MNIST_DEMO_UNET["down_block_types"] + MNIST_DEMO_UNET["up_block_types"])
     check_unet_config(MNIST_UNET)
+    check_unet_config(MNIST_DEMO_UNET)
     check_unet_config(CIFAR10_UNET)
     assert (MNIST_UNET["sample_size"], MNIST_UNET["in_channels"]) == (16, 1)
     assert (CIFAR10_UNET["sample_size"], CIFAR10_UNET["in_channels"]) == (32, 3)
