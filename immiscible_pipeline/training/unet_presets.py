@@ -5,8 +5,8 @@ Three built-in presets:
   parameters. A CPU trains it to recognisable digits in minutes (the consistency-model demo and the
   convergence benchmark).
 - `MNIST_DEMO_UNET`: the same without attention in the down and up blocks and with channels (16, 32, 64),
-  about 0.64M parameters (the DDIM demo). A step costs about half as much on a CPU, so the demo fits in 5
-  minutes with samples as good as the larger UNet's in 8 (the sweep is in docs/train-ddim.md).
+  about 0.64M parameters (the DDIM demo). A step costs about half as much on a CPU, so the demo trains in
+  about 5 minutes to samples as good as the larger UNet's in 8 (the sweep is in docs/train-ddim.md).
 - `CIFAR10_UNET`: 32 px RGB, the DDPM CIFAR-10 architecture the Immiscible Diffusion DDIM experiments build
   on (channels 128-256-256-256, two layers per block, attention at 16 x 16, dropout 0.1; about 36M parameters).
 Any other architecture: a diffusers config (a folder with config.json, a json file, or a Hub model id).
