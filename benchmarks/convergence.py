@@ -276,7 +276,7 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
                 f" (evaluation {time.perf_counter() - eval_start:.0f} s, run {time.perf_counter() - started:.0f} s)")
     return {"method": name, "seed": seed, "curves": curves, "step_ms_median": statistics.median(step_ms),
             "noise_ms_median": statistics.median(noise_ms), "train_seconds": sum(step_ms) / 1000,
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, "machine": machine()}
 
 
 # --- the real trainers (--backend script) -----------------------------------------------------------------------
@@ -334,7 +334,7 @@ def train_run_script(name: str, seed: int, settings: Settings, run_dir: str, cac
     step_ms, assign_ms = tensorboard_timings(run_dir)
     return {"method": name, "seed": seed, "curves": curves, "step_ms_median": step_ms, "noise_ms_median": assign_ms,
             "timing_source": "tensorboard: wall time between logged steps; immiscible/time_ms (assignment only)",
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, "machine": machine()}
 
 
 def read_history(path: str, default_steps: int) -> dict:
@@ -544,7 +544,8 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
     timed = "noise call" if backend == "loop" else "assignment"
     source = ("in-process loop, runs interleaved by seed" if backend == "loop" else
               f"{TRAINERS[settings.family]}, from its tensorboard events; the assignment excludes drawing the noise")
-    lines += [f"Wall-clock per training step (medians over steps, then over seeds; {source}; {machine()}):", "",
+    machines = "; ".join(sorted({run.get("machine", "machine not recorded") for run in runs}))
+    lines += [f"Wall-clock per training step (medians over steps, then over seeds; {source}; {machines}):", "",
               f"| method | step (ms) | {timed} (ms) | {timed} share of the step | step vs none |", "|---|---|---|---|---|"]
     for m in methods:
         t = timing[m]

@@ -154,6 +154,7 @@ def test_smoke_run_writes_tables_per_sampler_step_count_plot_and_reusable_runs(c
             assert [p["step"] for p in curve] == [3, 6]
             assert all(math.isfinite(p["fid"]) and math.isfinite(p["kid_mean"]) for p in curve)
         assert run["step_ms_median"] > 0 and run["noise_ms_median"] > 0
+        assert run["machine"].endswith(", 1 torch threads")  # the smoke run's threads, kept with its timings
     # Different sampler step counts sample differently: the curves are not copies of each other.
     assert result["runs"][0]["curves"]["1"][0]["fid"] != result["runs"][0]["curves"]["2"][0]["fid"]
     table = (out / "results.md").read_text()
@@ -168,11 +169,14 @@ def test_smoke_run_writes_tables_per_sampler_step_count_plot_and_reusable_runs(c
     assert saved["classifier_test_accuracy"] is not None and len(list((out / "runs").glob("*.json"))) == 3
     assert set(saved["summary"]) == set(sampler_steps)
 
-    # Same settings again: the finished runs are reused, not retrained.
+    # Same settings again: the finished runs are reused, not retrained, and their timings keep naming the
+    # threads they ran with, not this invocation's.
     capsys.readouterr()
-    again = convergence.main(args)
+    again = convergence.main(args + ["--threads", "2"])
     assert capsys.readouterr().out.count("reusing") == 3
     assert [r["curves"] for r in again["runs"]] == [r["curves"] for r in result["runs"]]
+    timing_line = next(line for line in (out / "results.md").read_text().splitlines() if "Wall-clock per" in line)
+    assert "1 torch threads" in timing_line and "2 torch threads" not in timing_line
 
 
 def test_results_default_to_a_committed_folder(convergence):
