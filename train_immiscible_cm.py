@@ -88,18 +88,21 @@ def parse_args(input_args=None):
     train.add_argument("--output_dir", type=str, default="immiscible-cm")
     train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
     train.add_argument("--train_batch_size", type=int, default=None,
-                       help="Batch size per process. Default: 64 for the MNIST demo, 128 for a dataset.")
+                       help=f"Batch size per process. Default: {DEMO_DEFAULTS['train_batch_size']} for the MNIST demo, "
+                            f"{DATASET_DEFAULTS['train_batch_size']} for a dataset.")
     train.add_argument("--num_epochs", type=int, default=100)
     train.add_argument("--max_train_steps", type=int, default=None,
                        help="Optimisation steps (the curriculum spans them); overrides --num_epochs. "
-                            "Default: 1000 for the MNIST demo.")
+                            f"Default: {DEMO_DEFAULTS['max_train_steps']} for the MNIST demo.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     train.add_argument("--learning_rate", type=float, default=None,
-                       help="Peak learning rate. Default: 1e-3 for the MNIST demo, 1e-4 (iCT) for a dataset.")
+                       help=f"Peak learning rate. Default: {DEMO_DEFAULTS['learning_rate']:g} for the MNIST demo, "
+                            f"{DATASET_DEFAULTS['learning_rate']:g} (iCT) for a dataset.")
     train.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS)
     train.add_argument("--lr_warmup_steps", type=int, default=None,
-                       help="Warm-up steps. Default: 100 for the MNIST demo, 500 for a dataset.")
+                       help=f"Warm-up steps. Default: {DEMO_DEFAULTS['lr_warmup_steps']} for the MNIST demo, "
+                            f"{DATASET_DEFAULTS['lr_warmup_steps']} for a dataset.")
     add_optimizer_arguments(train, adam_weight_decay=0.0)  # iCT: Adam without weight decay
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Default: the value of `accelerate config` / `accelerate launch`.")
