@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from diffusers import ConsistencyModelPipeline, UNet2DModel
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
-from immiscible_pipeline.training.accelerator_setup import (end_training, make_ema, make_lr_scheduler,
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
                                                     add_immiscible_arguments, add_optimizer_arguments,
@@ -172,8 +172,7 @@ def main(args):
     if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
                                            accelerator.num_processes):
         logger.warning(warning)  # linear assignment of batches of one: vanilla training
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_adamw(model.parameters(), args, accelerator.device)
 
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_epochs)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
-from immiscible_pipeline.training.accelerator_setup import (end_training, make_ema, make_lr_scheduler,
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
                                                     add_immiscible_arguments, add_optimizer_arguments,
@@ -161,8 +161,7 @@ def main(args):
     if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
                                            accelerator.num_processes):
         logger.warning(warning)  # linear assignment of batches of one: vanilla training
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_adamw(model.parameters(), args, accelerator.device)
 
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_epochs)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
@@ -261,7 +260,8 @@ def evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, step):
                   "classifier_test_accuracy": evaluator.classifier_test_accuracy}
         with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
-        logger.info(f"step {step}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} ({args.eval_feature} features)")
+        logger.info(f"step {step}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} "
+                    f"({args.eval_feature} features)")
 
 
 def save_samples(accelerator, args, pipeline, step, path):
@@ -288,7 +288,8 @@ def push_to_hub(args, repo_id, summary):
         settings=settings, image="samples.png",
         usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
                f"images = pipeline(batch_size=16, num_inference_steps={args.ddim_num_inference_steps}).images"))
-    tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "ddim", f"scope-{args.assignment_scope}"]
+    tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "ddim",
+                                               f"scope-{args.assignment_scope}"]
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)
     upload_output_folder(args.output_dir, repo_id, args.hub_token)
 

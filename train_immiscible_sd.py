@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
-from immiscible_pipeline.training.accelerator_setup import (end_training, make_ema, make_lr_scheduler,
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config, weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
                                                     add_optimizer_arguments, add_output_arguments,
@@ -288,11 +288,10 @@ def main(args):
     if args.use_8bit_adam:
         import bitsandbytes
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer = bitsandbytes.optim.AdamW8bit(trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        optimizer = make_adamw(trainable, args, accelerator.device, learning_rate)
 
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_train_epochs)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)

@@ -30,7 +30,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -46,6 +45,7 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2  # noqa: E402
+from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline.noise.linear_assignment import COST_DTYPES, resolve_cost_dtype  # noqa: E402
 
 FULL_BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
@@ -520,15 +520,7 @@ class Progress:
 
 
 def machine() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, _, flags = cpu_model_and_flags()
     low = sorted(f for f in flags if f in {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
     return dict(cpu=model, threads=torch.get_num_threads(), torch=torch.__version__,
                 solver="lap (Jonker-Volgenant)" if importlib.util.find_spec("lap") else "scipy",

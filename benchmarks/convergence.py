@@ -58,7 +58,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -80,6 +79,7 @@ from immiscible_pipeline.training.image_data import ImageTransform, load_mnist, 
 from immiscible_pipeline.training.losses import diffusion_loss  # noqa: E402
 from immiscible_pipeline.training.sample_grids import averaged_weights  # noqa: E402
 from immiscible_pipeline.training.unet_presets import MNIST_UNET  # noqa: E402
+from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 
 FAMILIES = ("ddim", "cm")
 METHODS = ("none", "linear", "knn")
@@ -482,14 +482,9 @@ def summarise_by_sampler(runs: list[dict], methods: list[str], seeds: list[int],
 
 def machine() -> str:
     """CPU model and torch threads, named next to every timing."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        if names:
-            model = f"{names[0]} ({len(names)} logical CPUs)"
-    except OSError:
-        pass
+    model, count, _ = cpu_model_and_flags()
+    if count:
+        model = f"{model} ({count} logical CPUs)"
     return f"{model}, {torch.get_num_threads()} torch threads"
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -54,6 +53,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
+from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline.training.image_data import ImageTransform, mnist_arrays, sample_seed  # noqa: E402
 
 SOURCES = ("mnist", "gaussian")
@@ -334,14 +334,7 @@ def plot(rows: list[dict], args, path: Path) -> None:
 
 
 def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model, _, _ = cpu_model_and_flags()
     return dict(cpu=model, threads=torch.get_num_threads(), torch=torch.__version__)
 
 

@@ -1,14 +1,15 @@
-"""The assignment speed benchmark runs end to end at a tiny size and prints the tables it promises."""
+"""The assignment speed and UNet step cost benchmarks run end to end at a tiny size and print the tables they
+promise."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "assignment_speed.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("assignment_speed", BENCHMARK)
+def load_benchmark(name="assignment_speed"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,3 +45,26 @@ def test_tiny_run_prints_every_table_marks_oom_and_writes_md_and_json(tmp_path, 
     assert small["linear"]["float32"]["total_cost_gap"] <= 1e-6 and small["linear"]["float32"]["same_permutation"]
     assert 0.0 < small["exact_reduction"] < 1.0
     assert saved["results"][1]["linear"]["official"]["oom"] is True
+
+
+def test_unet_step_cost_times_each_shape_side_by_side_and_writes_md_and_json(tmp_path, capsys):
+    bench = load_benchmark("unet_step_cost")
+    report = bench.main(["--quick", "--threads", "1", "--output", str(tmp_path / "cost")])
+    out = capsys.readouterr().out
+
+    assert "forward + backward + fused AdamW" in out and "1 torch threads" in out
+    names = [name for name, _ in bench.SHAPES[1:3]]
+    assert [row["shape"] for row in report["rows"]] == names
+    demo = next(row for row in report["rows"] if row["shape"].startswith("MNIST_DEMO_UNET"))
+    assert 0.6e6 < demo["parameters"] < 0.7e6  # the preset's documented size
+    assert report["rows"][0]["ratio_to_first"] == 1.0
+    for row in report["rows"]:
+        assert 0 < row["ms_min"] <= row["ms_median"] <= row["ms_max"]
+        assert f"| {row['shape']} | {row['parameters'] / 1e6:.2f}M | 4 |" in out
+    updates = report["updates"]
+    assert [row["update"] for row in updates] == [name for name, _ in bench.UPDATES]
+    assert {row["shape"] for row in updates} == {names[-1]}
+    assert [row["ratio_to_first"] for row in updates if "a loop over tensors" in row["update"]] == [1.0, 1.0]
+    assert all(f"| {row['update']} | {row['ms_median']:.2f} |" in out for row in updates)
+    assert (tmp_path / "cost.md").read_text().strip() == out.strip()
+    assert json.loads((tmp_path / "cost.json").read_text())["rows"] == report["rows"]

@@ -249,8 +249,9 @@ def test_aliases_set_our_flags(tiny_sd):
     assert ddim.validation_steps == 14
     sd = load_script(REPO / "train_immiscible_sd.py")
     args = sd.parse_args(["--pretrained_model_name_or_path", tiny_sd, "--validation_prompt", "a dog",
-                          "--validation_epochs", "3"])
+                          "--validation_epochs", "3", "--foreach_ema"])
     assert args.validation_prompts == ["a dog"] and args.caption_column is None and args.rank == 0
+    assert not hasattr(args, "foreach_ema")  # ours always takes the foreach update
     steps_from_epoch_flags(args, num_update_steps=4)
     assert args.validation_steps == 12
     with pytest.raises(ValueError, match="--validation_epochs must be at least 1"):

@@ -75,7 +75,7 @@ TEXT_TO_IMAGE_FLAGS = (
                                     "prediction, which would undo the noise assignment; drop the flag"),
     Unsupported("--dream_detail_preservation", "it only tunes --dream_training, which is not supported; drop it"),
     Unsupported("--offload_ema", "the EMA stays on the training device; drop the flag (or train without --use_ema)"),
-    Unsupported("--foreach_ema", "the EMA uses diffusers' EMAModel defaults; drop the flag"),
+    Ignored("--foreach_ema", "the EMA always takes EMAModel's foreach update"),
     Unsupported("--non_ema_revision", "the UNet and its EMA both start from --revision; pass the revision to "
                                       "fine-tune as --revision"),
     LOCAL_RANK,
