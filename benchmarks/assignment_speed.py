@@ -44,8 +44,8 @@ from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2  # noqa: E402
 from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
+from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2  # noqa: E402
 from immiscible_pipeline.noise.linear_assignment import COST_DTYPES, resolve_cost_dtype  # noqa: E402
 
 FULL_BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)

@@ -71,6 +71,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from immiscible_pipeline.evaluation.classifier import ClassifierTraining  # noqa: E402
 from immiscible_pipeline.evaluation.pipeline_metrics import TrainingEvaluator  # noqa: E402
@@ -79,7 +80,6 @@ from immiscible_pipeline.training.image_data import ImageTransform, load_mnist, 
 from immiscible_pipeline.training.losses import diffusion_loss  # noqa: E402
 from immiscible_pipeline.training.sample_grids import averaged_weights  # noqa: E402
 from immiscible_pipeline.training.unet_presets import MNIST_UNET  # noqa: E402
-from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 
 FAMILIES = ("ddim", "cm")
 METHODS = ("none", "linear", "knn")

@@ -52,8 +52,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
+from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from immiscible_pipeline.training.image_data import ImageTransform, mnist_arrays, sample_seed  # noqa: E402
 
 SOURCES = ("mnist", "gaussian")
