@@ -43,7 +43,9 @@ the steps: converged when it improved by less than 10% over that last doubling.
 
 Two ways to train (--backend):
 - "loop" (default): a short in-process copy of the trainer's loop (same data order, loss, EMA and optimiser,
-  built on the library), timing every step and the noise call inside it;
+  built on the library), timing every step and the noise call inside it; it keeps torch's per-tensor AdamW
+  and EMAModel's per-tensor update (the same updates as the trainers' fused and foreach ones, a few ms slower
+  per step) so that its runs stay comparable with those made before the trainers switched;
 - "script": the real trainer (train_immiscible_ddim.py or train_immiscible_cm.py with --eval_steps) in a
   subprocess per run, its FID curve read from `eval_history.jsonl` and its timings from the tensorboard events
   it logs. The trainers evaluate every --eval_every steps only (no denser early points) with their own
