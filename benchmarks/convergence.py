@@ -390,6 +390,25 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean over seeds (each seed one independent run); None below 2 seeds."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.mean(values)
+    return mean - half, mean + half
+
+
+def verdict(interval: tuple[float, float] | None) -> str:
+    """What a speed-up's interval says: a gain or a loss only where it excludes 1.0 (the README's rule)."""
+    if interval is None:
+        return "too few seeds"
+    low, high = interval
+    return "faster" if low > 1 else "slower" if high < 1 else "no clear difference"
+
+
 def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
     """Steps-to-target and speed-ups of runs with one FID curve each (`run["curve"]`)."""
     by = {(r["method"], r["seed"]): r for r in runs}
@@ -416,8 +435,10 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
                     equal_fid[m].append(theirs / mine)
     timing = {m: {"step_ms": statistics.median(by[(m, s)]["step_ms_median"] for s in seeds),
                   "noise_ms": statistics.median(by[(m, s)]["noise_ms_median"] for s in seeds)} for m in methods}
+    interval = {m: mean_interval(values) for m, values in equal_fid.items()}
     return {"steps": steps, "fid": fid, "reach": reach, "ratio": ratio, "unreached": unreached,
-            "equal_fid": equal_fid, "timing": timing}
+            "equal_fid": equal_fid, "equal_fid_interval": interval,
+            "verdict": {m: verdict(i) for m, i in interval.items()}, "timing": timing}
 
 
 def value_at(steps: list[int], values: list[float], step: float) -> float | None:
@@ -526,11 +547,14 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
                              f"{len(summary['unreached'][m])} / {len(seeds)} |")
             lines += ["", "Speed-up at equal FID for every seed, slow-downs included: where the method reaches "
                           "vanilla's final FID, as above; where it does not, the steps vanilla needed to reach the "
-                          "method's final FID / the method's steps:", "",
-                      "| method | per seed | mean ± std |", "|---|---|---|"]
+                          "method's final FID / the method's steps. The interval is Student's t 95% interval of "
+                          "the mean over seeds; the verdict names a gain or a loss only where it excludes 1.0:", "",
+                      "| method | per seed | mean ± std | 95% interval | verdict |", "|---|---|---|---|---|"]
             for m in methods:
-                values = summary["equal_fid"][m]
-                lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} |")
+                values, interval = summary["equal_fid"][m], summary["equal_fid_interval"][m]
+                shown = "-" if interval is None else f"{interval[0]:.2f} to {interval[1]:.2f}"
+                lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} | {shown} | "
+                             f"{'(reference)' if m == 'none' else summary['verdict'][m]} |")
         if "converged" in summary:
             per_seed = ", ".join("-" if c["improvement"] is None else f"{100 * c['improvement']:+.1f}%"
                                  for c in summary["converged_per_seed"].values())

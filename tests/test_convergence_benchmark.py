@@ -49,6 +49,16 @@ def test_speed_up_at_equal_fid_counts_slower_methods_too(convergence):
     assert diverged["equal_fid"]["knn"] == [] and diverged["unreached"]["knn"] == [0]
 
 
+def test_verdict_names_a_gain_or_loss_only_where_the_t_interval_excludes_one(convergence):
+    low, high = convergence.mean_interval([1.36, 1.44, 1.40])
+    # mean 1.40, std 0.04, t(0.975, 2) = 4.303: half-width 4.303 * 0.04 / sqrt(3) = 0.0994
+    assert (low, high) == (pytest.approx(1.40 - 0.0994, abs=1e-3), pytest.approx(1.40 + 0.0994, abs=1e-3))
+    assert convergence.verdict((low, high)) == "faster"
+    assert convergence.verdict(convergence.mean_interval([0.50, 0.43, 0.47])) == "slower"
+    assert convergence.verdict(convergence.mean_interval([1.36, 0.80])) == "no clear difference"
+    assert convergence.mean_interval([1.4]) is None and convergence.verdict(None) == "too few seeds"
+
+
 def curve_run(method, seed, curves, step=100):
     """A finished run with synthetic FID curves {sampler steps: [FID per evaluation]}."""
     return {"method": method, "seed": seed, "step_ms_median": 1.0, "noise_ms_median": 0.1, "wall_seconds": 1.0,
