@@ -32,7 +32,7 @@ from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkp
 from immiscible_pipeline.training.consistency_training import LOSSES, consistency_loss, ConsistencyRecipe
 from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, upload_output_folder,
                                                          write_model_card)
-from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data
+from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data, record_evaluation
 from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
 from immiscible_pipeline.training.step_bookkeeping import TrainingProgress
 from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET, load_unet_config
@@ -262,21 +262,11 @@ def main(args):
 
 
 def evaluate(accelerator, args, evaluator, model, ema, scheduler, step):
-    """FID / KID of the current (EMA) weights at each of --eval_inference_steps; every process samples its
-    share. Logged as eval/<n>_step/* and appended to eval_history.jsonl (one line per sampler step count)."""
+    """FID / KID of the current (EMA) weights at each of --eval_inference_steps, logged as eval/<n>_step/* and
+    appended to eval_history.jsonl (one line per sampler step count)."""
     pipeline = ConsistencyModelPipeline(unet=accelerator.unwrap_model(model), scheduler=scheduler)
     for num_steps in args.eval_inference_steps:
-        with averaged_weights(model.parameters(), ema):
-            metrics = evaluator(pipeline, accelerator, num_inference_steps=num_steps)
-        accelerator.log({f"eval/{num_steps}_step/{name}": value for name, value in metrics.items()}, step=step)
-        if accelerator.is_main_process:
-            record = {"step": step, "num_inference_steps": num_steps, **metrics,
-                      "num_samples": args.eval_num_samples, "feature": args.eval_feature,
-                      "classifier_test_accuracy": evaluator.classifier_test_accuracy}
-            with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
-                history.write(json.dumps(record) + "\n")
-            logger.info(f"step {step}, {num_steps}-step sampling: FID {metrics['fid']:.3f}, "
-                        f"KID {metrics['kid_mean']:.5f} ({args.eval_feature} features)")
+        record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step, num_steps)
 
 
 def save_samples(accelerator, args, pipeline, class_names, step, path):

@@ -33,7 +33,7 @@ from immiscible_pipeline.training.diffusers_example_flags import (UNCONDITIONAL_
 from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, upload_output_folder,
                                                          write_model_card)
 from immiscible_pipeline.training.losses import PREDICTION_TYPES, min_snr_loss
-from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data
+from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data, record_evaluation
 from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
 from immiscible_pipeline.training.step_bookkeeping import TrainingProgress
 from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_DEMO_UNET, load_unet_config
@@ -247,20 +247,10 @@ def main(args):
 
 
 def evaluate(accelerator, args, evaluator, model, ema, noise_scheduler, step):
-    """FID / KID of the current (EMA) weights; every process samples its share. Logged and appended to
-    eval_history.jsonl, the FID-versus-steps curve of the run."""
+    """FID / KID of the current (EMA) weights, logged and appended to eval_history.jsonl."""
     pipeline = DDIMPipeline(unet=accelerator.unwrap_model(model),
                             scheduler=DDIMScheduler.from_config(noise_scheduler.config))
-    with averaged_weights(model.parameters(), ema):
-        metrics = evaluator(pipeline, accelerator)
-    accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
-    if accelerator.is_main_process:
-        record = {"step": step, **metrics, "num_samples": args.eval_num_samples, "feature": args.eval_feature,
-                  "classifier_test_accuracy": evaluator.classifier_test_accuracy}
-        with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
-            history.write(json.dumps(record) + "\n")
-        logger.info(f"step {step}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} "
-                    f"({args.eval_feature} features)")
+    record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step)
 
 
 def save_samples(accelerator, args, pipeline, step, path):

@@ -1,9 +1,11 @@
 """What the pixel-space trainers (DDIM, consistency models) share: their training images (a dataset, a folder
-or the bundled MNIST demo) and their FID evaluator for --eval_steps."""
+or the bundled MNIST demo), their FID evaluator for --eval_steps and the record of each evaluation."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +52,27 @@ def pixel_evaluator(args, channels: int, accelerator, num_inference_steps: int):
                                   num_reference=args.eval_num_reference, progress=True)
     evaluator.prepare(args.resolution, channels, accelerator)
     return evaluator
+
+
+def record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step: int,
+                      num_inference_steps: int | None = None) -> dict:
+    """FID / KID (and, on classifier features, the confident share) of the current (EMA) weights in `pipeline`,
+    sampled with `num_inference_steps` (the evaluator's own if None); every process samples its share. Logged
+    under eval/ (eval/<n>_step/ for a given count) and appended by the main process to eval_history.jsonl,
+    the FID-versus-steps curve of the run."""
+    from .sample_grids import averaged_weights
+
+    with averaged_weights(model.parameters(), ema):
+        metrics = evaluator(pipeline, accelerator, num_inference_steps=num_inference_steps)
+    prefix = "eval/" if num_inference_steps is None else f"eval/{num_inference_steps}_step/"
+    accelerator.log({prefix + name: value for name, value in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        sampler = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+        record = {"step": step, **sampler, **metrics, "num_samples": args.eval_num_samples,
+                  "feature": args.eval_feature, "classifier_test_accuracy": evaluator.classifier_test_accuracy}
+        with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
+            history.write(json.dumps(record) + "\n")
+        sampling = "" if num_inference_steps is None else f", {num_inference_steps}-step sampling"
+        logger.info(f"step {step}{sampling}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} "
+                    f"({args.eval_feature} features)")
+    return metrics
