@@ -104,38 +104,48 @@ class StepRunner:
         self.targets = torch.randn_like(self.inputs)
         self.parameters = sum(p.numel() for p in self.unet.parameters())
 
-    def step(self) -> float:
-        """Seconds for one forward + backward + AdamW step."""
-        start = time.perf_counter()
+    def step(self) -> None:
+        """One forward + backward + AdamW step."""
         self.optimizer.zero_grad(set_to_none=True)
         prediction = self.unet(self.inputs, self.timesteps).sample
         torch.nn.functional.mse_loss(prediction, self.targets).backward()
         self.optimizer.step()
-        return time.perf_counter() - start
+
+
+def interleaved_ms(actions: list, repeats: int, warmup: int) -> list:
+    """Milliseconds of each callable in `actions`, `repeats` times each: every action once per repeat, in turn,
+    so that all see the same machine load; `warmup` untimed calls of each first."""
+    for action in actions:
+        for _ in range(warmup):
+            action()
+    times = [[] for _ in actions]
+    for _ in range(repeats):
+        for action, samples in zip(actions, times):
+            start = time.perf_counter()
+            action()
+            samples.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def spread(samples: list) -> dict:
+    return {"ms_median": statistics.median(samples), "ms_min": min(samples), "ms_max": max(samples)}
 
 
 def measure(shapes, batch_sizes, repeats: int, warmup: int) -> list:
     rows = []
     for batch_size in batch_sizes:
         runners = [StepRunner(config, batch_size) for _, config in shapes]
-        for runner in runners:
-            for _ in range(warmup):
-                runner.step()
-        times = [[] for _ in runners]
-        for _ in range(repeats):  # interleaved: every shape once per repeat
-            for runner, samples in zip(runners, times):
-                samples.append(runner.step() * 1000)
+        times = interleaved_ms([runner.step for runner in runners], repeats, warmup)
         baseline = statistics.median(times[0])
         for (name, _), runner, samples in zip(shapes, runners, times):
-            median = statistics.median(samples)
-            rows.append({"shape": name, "batch": batch_size, "parameters": runner.parameters,
-                         "ms_median": median, "ms_min": min(samples), "ms_max": max(samples),
-                         "ratio_to_first": median / baseline})
+            rows.append({"shape": name, "batch": batch_size, "parameters": runner.parameters, **spread(samples),
+                         "ratio_to_first": statistics.median(samples) / baseline})
     return rows
 
 
 def measure_updates(shapes, repeats: int, warmup: int) -> list:
-    """Milliseconds of each update in UPDATES, per shape (the cost does not depend on the batch)."""
+    """Milliseconds of each update in UPDATES, per shape (the cost does not depend on the batch), and its ratio
+    to the first update of its group (AdamW or EMA: the name before the comma)."""
     from diffusers import UNet2DModel
 
     rows = []
@@ -144,21 +154,12 @@ def measure_updates(shapes, repeats: int, warmup: int) -> list:
         unet = UNet2DModel(**config)
         for parameter in unet.parameters():
             parameter.grad = torch.randn_like(parameter) * 1e-3
-        updates = [build(unet) for _, build in UPDATES]
-        for update in updates:
-            for _ in range(warmup):
-                update()
-        times = [[] for _ in updates]
-        for _ in range(repeats):
-            for update, samples in zip(updates, times):
-                start = time.perf_counter()
-                update()
-                samples.append((time.perf_counter() - start) * 1000)
-        medians = [statistics.median(samples) for samples in times]
-        for (update_name, _), samples, median in zip(UPDATES, times, medians):
-            first_of_group = medians[0] if update_name.startswith("AdamW") else medians[3]
-            rows.append({"shape": name, "update": update_name, "ms_median": median, "ms_min": min(samples),
-                         "ms_max": max(samples), "ratio_to_first": median / first_of_group})
+        times = interleaved_ms([build(unet) for _, build in UPDATES], repeats, warmup)
+        baselines = {}
+        for (update_name, _), samples in zip(UPDATES, times):
+            median = statistics.median(samples)
+            baseline = baselines.setdefault(update_name.split(",")[0], median)
+            rows.append({"shape": name, "update": update_name, **spread(samples), "ratio_to_first": median / baseline})
     return rows
 
 
