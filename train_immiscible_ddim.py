@@ -26,7 +26,7 @@ from immiscible_pipeline.training.accelerator_setup import (end_training, make_a
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
                                                     add_immiscible_arguments, add_optimizer_arguments,
                                                     add_output_arguments, add_pixel_data_arguments,
-                                                    assignment_batch_warning, check_common_args)
+                                                    assignment_batch_warning, check_common_args, min_snr_gamma)
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
 from immiscible_pipeline.training.diffusers_example_flags import (UNCONDITIONAL_FLAGS, add_diffusers_flags,
                                                                   steps_from_epoch_flags)
@@ -128,9 +128,7 @@ def check_args(args):
     for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
         if flag != "unet" and getattr(args, flag) is None:
             setattr(args, flag, value)
-    if args.snr_gamma < 0:
-        raise ValueError(f"--snr_gamma must be positive, or 0 for no min-SNR weighting; got {args.snr_gamma}")
-    args.snr_gamma = args.snr_gamma or None  # 0: plain MSE
+    args.snr_gamma = min_snr_gamma(args.snr_gamma)
     args.eval_feature = args.eval_feature or ("classifier" if args.bundled_demo else "inception")
     args.eval_inference_steps = args.eval_inference_steps or args.ddim_num_inference_steps
 

@@ -33,7 +33,7 @@ from immiscible_pipeline.training.accelerator_setup import (end_training, make_a
                                                             setup_accelerator, tracker_config, weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
                                                     add_optimizer_arguments, add_output_arguments,
-                                                    assignment_batch_warning, check_common_args)
+                                                    assignment_batch_warning, check_common_args, min_snr_gamma)
 from immiscible_pipeline.training.captions import Captioner, prompt_column, PromptedSamples
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
 from immiscible_pipeline.training.diffusers_example_flags import (TEXT_TO_IMAGE_FLAGS, add_diffusers_flags,
@@ -73,7 +73,7 @@ def parse_args(input_args=None):
                        help="What the UNet predicts. Default: the pretrained scheduler's prediction_type. The saved "
                             "pipeline's scheduler is set to it.")
     model.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR loss weighting with this gamma (arXiv 2303.09556; 5.0 is usual). Default: off.")
+                       help="Min-SNR loss weighting with this gamma (arXiv 2303.09556; 5.0 is usual). Default (or 0): off.")
     model.add_argument("--noise_offset", type=float, default=0.0,
                        help="Scale of the offset noise added per sample and channel, after the assignment.")
     model.add_argument("--input_perturbation", type=float, default=0.0,
@@ -174,6 +174,7 @@ def check_args(args):
     check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
     check_common_args(args, ("num_train_epochs", "validation_steps", "validation_inference_steps", "resolution",
                              "max_train_samples", "cache_latents_chunk_size"))
+    args.snr_gamma = min_snr_gamma(args.snr_gamma)
     if args.rank < 0 or args.num_validation_images < 0:
         flag, value = ("rank", args.rank) if args.rank < 0 else ("num_validation_images", args.num_validation_images)
         raise ValueError(f"--{flag} must be at least 0, got {value}")

@@ -16,7 +16,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 
 from immiscible_pipeline.training.accelerator_setup import tracker_config, weight_dtype
-from immiscible_pipeline.training.arguments import check_report_to, check_xformers_available
+from immiscible_pipeline.training.arguments import check_report_to, check_xformers_available, min_snr_gamma
 from immiscible_pipeline.training.checkpoints import (checkpoint_step, find_checkpoint, list_checkpoints, load_ema,
                                                       register_checkpoint_hooks, resume_position, rotate_checkpoints,
                                                       save_checkpoint, save_ema, updates_per_epoch)
@@ -69,6 +69,17 @@ def test_min_snr_loss_weights_each_sample():
         torch.testing.assert_close(min_snr_loss(scheduler, pred, clean, noise, timesteps, 5.0), expected.mean())
         assert min_snr_loss(scheduler, pred, clean, noise, timesteps) == diffusion_loss(scheduler, pred, clean, noise,
                                                                                         timesteps)
+
+
+def test_snr_gamma_zero_means_plain_mse_and_the_loss_refuses_a_gamma_that_zeroes_it():
+    # diffusers' scripts clamp SNR to a gamma of 0 as given: every weight 0, a loss of 0, nothing learnt
+    assert min_snr_gamma(None) is None and min_snr_gamma(0.0) is None and min_snr_gamma(5.0) == 5.0
+    with pytest.raises(ValueError, match="--snr_gamma must be positive, or 0 for no min-SNR weighting; got -1.0"):
+        min_snr_gamma(-1.0)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    clean, noise, pred = torch.randn(3, 4, 1, 4, 4).unbind(0)
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        min_snr_loss(scheduler, pred, clean, noise, torch.tensor([10, 500, 900, 999]), 0.0)
 
 
 def test_precision_and_xformers():

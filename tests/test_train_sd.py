@@ -252,6 +252,7 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
         "xformers": model + ["--train_data_dir", str(labelled_folder),
                              "--enable_xformers_memory_efficient_attention"] + base,
         "bitsandbytes": model + ["--train_data_dir", str(labelled_folder), "--use_8bit_adam"] + base,
+        "negative_snr_gamma": model + ["--train_data_dir", str(labelled_folder), "--snr_gamma", "-5"] + base,
         "cache_needs_center_crop": model + ["--train_data_dir", str(labelled_folder), "--cache_latents",
                                             str(tmp_path / "cache")] + base,
     }
@@ -268,6 +269,7 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
     assert f"cannot read the image {broken}" in results["corrupt_image"]
     assert "xformers" in results["xformers"] and "not installed" in results["xformers"]
     assert "add --center_crop" in results["cache_needs_center_crop"]
+    assert "--snr_gamma must be positive, or 0 for no min-SNR weighting; got -5.0" in results["negative_snr_gamma"]
     if importlib.util.find_spec("bitsandbytes") is None:  # not a dependency of this project
         assert "--use_8bit_adam needs bitsandbytes" in results["bitsandbytes"]
 

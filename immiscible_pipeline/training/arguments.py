@@ -133,6 +133,13 @@ def check_common_args(args, positive_flags: tuple = ()) -> None:
     check_hub_token(args.report_to, args.hub_token)
 
 
+def min_snr_gamma(value: float | None) -> float | None:
+    """--snr_gamma as the loss takes it: None (plain MSE) for unset or 0, the value if positive."""
+    if value is not None and value < 0:
+        raise ValueError(f"--snr_gamma must be positive, or 0 for no min-SNR weighting; got {value}")
+    return value or None  # 0 would clamp every weight to 0: a loss of zero
+
+
 def check_xformers_available() -> None:
     """Raises a ValueError naming the flag if xformers cannot be used."""
     from diffusers.utils.import_utils import is_xformers_available

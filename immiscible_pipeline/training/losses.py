@@ -38,6 +38,9 @@ def min_snr_loss(scheduler, model_pred: torch.Tensor, clean: torch.Tensor, noise
     min(SNR, gamma) for predicting the sample, with diffusers' `compute_snr`."""
     if snr_gamma is None:
         return diffusion_loss(scheduler, model_pred, clean, noise, timesteps)
+    if snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive (None for no weighting), got {snr_gamma}: min(SNR, gamma) "
+                         "would weight every sample by 0 or less")
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps).float()
