@@ -29,7 +29,8 @@ from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmu
                                                     add_output_arguments, add_pixel_data_arguments,
                                                     assignment_batch_warning, check_common_args)
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
-from immiscible_pipeline.training.consistency_training import LOSSES, consistency_loss, ConsistencyRecipe
+from immiscible_pipeline.training.consistency_training import (LOSSES, SAMPLER_LEVELS, consistency_loss,
+                                                              ConsistencyRecipe)
 from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, upload_output_folder,
                                                          write_model_card)
 from immiscible_pipeline.training.pixel_trainers import pixel_evaluator, pixel_training_data, record_evaluation
@@ -90,7 +91,9 @@ def parse_args(input_args=None):
     train.add_argument("--train_batch_size", type=int, default=None,
                        help=f"Batch size per process. Default: {DEMO_DEFAULTS['train_batch_size']} for the MNIST demo, "
                             f"{DATASET_DEFAULTS['train_batch_size']} for a dataset.")
-    train.add_argument("--num_epochs", type=int, default=100)
+    train.add_argument("--num_epochs", type=int, default=None,
+                       help="Epochs to train, unless --max_train_steps is given. Default: 100 (the MNIST demo: "
+                            f"{DEMO_DEFAULTS['max_train_steps']} steps unless one of the two is given).")
     train.add_argument("--max_train_steps", type=int, default=None,
                        help="Optimisation steps (the curriculum spans them); overrides --num_epochs. "
                             f"Default: {DEMO_DEFAULTS['max_train_steps']} for the MNIST demo.")
@@ -131,12 +134,17 @@ def check_args(args):
                              "eval_num_reference", "curriculum_start"))
     if args.eval_num_samples < 2:
         raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}")
-    if any(steps < 1 for steps in args.eval_inference_steps):
-        raise ValueError(f"--eval_inference_steps must be at least 1, got {args.eval_inference_steps}")
+    if not all(1 <= steps <= SAMPLER_LEVELS for steps in args.eval_inference_steps):
+        raise ValueError(f"--eval_inference_steps must be between 1 and {SAMPLER_LEVELS} (the sampler's noise levels), "
+                         f"got {args.eval_inference_steps}")
     args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
-    for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
+    defaults = dict(DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS)
+    if args.num_epochs is not None:
+        defaults.pop("max_train_steps")  # the demo's step count only when neither --num_epochs nor steps are given
+    for flag, value in defaults.items():
         if flag != "unet" and getattr(args, flag) is None:
             setattr(args, flag, value)
+    args.num_epochs = args.num_epochs or 100
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     args.recipe = ConsistencyRecipe(args.sigma_min, args.sigma_max, args.sigma_data, args.rho, args.curriculum_start,

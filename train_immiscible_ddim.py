@@ -82,7 +82,9 @@ def parse_args(input_args=None):
     train.add_argument("--train_batch_size", type=int, default=None,
                        help=f"Batch size per process. Default: {DEMO_DEFAULTS['train_batch_size']} for the MNIST demo, "
                             f"{DATASET_DEFAULTS['train_batch_size']} for a dataset.")
-    train.add_argument("--num_epochs", type=int, default=100)
+    train.add_argument("--num_epochs", type=int, default=None,
+                       help="Epochs to train, unless --max_train_steps is given. Default: 100 (the MNIST demo: "
+                            f"{DEMO_DEFAULTS['max_train_steps']} steps unless one of the two is given).")
     train.add_argument("--max_train_steps", type=int, default=None,
                        help=f"Optimisation steps; overrides --num_epochs. Default: "
                             f"{DEMO_DEFAULTS['max_train_steps']} for the MNIST demo.")
@@ -125,12 +127,20 @@ def check_args(args):
     if args.eval_num_samples < 2:
         raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}")
     args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
-    for flag, value in (DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS).items():
+    defaults = dict(DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS)
+    if args.num_epochs is not None:
+        defaults.pop("max_train_steps")  # the demo's step count only when neither --num_epochs nor steps are given
+    for flag, value in defaults.items():
         if flag != "unet" and getattr(args, flag) is None:
             setattr(args, flag, value)
+    args.num_epochs = args.num_epochs or 100
     args.snr_gamma = min_snr_gamma(args.snr_gamma)
     args.eval_feature = args.eval_feature or ("classifier" if args.bundled_demo else "inception")
     args.eval_inference_steps = args.eval_inference_steps or args.ddim_num_inference_steps
+    for flag in ("ddim_num_inference_steps", "eval_inference_steps"):
+        if getattr(args, flag) > args.ddpm_num_steps:
+            raise ValueError(f"--{flag} {getattr(args, flag)} is more than --ddpm_num_steps {args.ddpm_num_steps}: "
+                             "DDIM samples at a subset of the training timesteps")
 
 
 def main(args):

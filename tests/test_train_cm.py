@@ -162,6 +162,9 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
 def test_defaults_follow_ict_with_a_dataset_and_fit_a_cpu_without(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
     assert demo.bundled_demo and demo.dropout == 0.0 and demo.train_batch_size == 64 and demo.use_ema
+    assert (demo.max_train_steps, demo.num_epochs) == (1000, 100)
+    epochs = trainer.parse_args(["--num_epochs", "2"])  # the demo's step count would override it
+    assert (epochs.num_epochs, epochs.max_train_steps) == (2, None)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert (dataset.dropout, dataset.learning_rate, dataset.max_train_steps) == (0.3, 1e-4, None)
     recipe = dataset.recipe
@@ -175,7 +178,8 @@ def test_defaults_follow_ict_with_a_dataset_and_fit_a_cpu_without(trainer, tiny_
     (["--sigma_min", "0"], "need 0 < --sigma_min < --sigma_max"),
     (["--curriculum_start", "0"], "--curriculum_start must be at least 1"),
     (["--curriculum_start", "100", "--curriculum_end", "50"], "--curriculum_start <= --curriculum_end"),
-    (["--eval_inference_steps", "1", "0"], "--eval_inference_steps must be at least 1"),
+    (["--eval_inference_steps", "1", "0"], "--eval_inference_steps must be between 1 and 40"),
+    (["--eval_inference_steps", "1", "41"], r"--eval_inference_steps must be between 1 and 40 \(the sampler's noise"),
     (["--eval_num_samples", "1"], "--eval_num_samples must be at least 2"),
     (["--enable_xformers_memory_efficient_attention"], "needs the xformers package"),
     (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),

@@ -292,6 +292,10 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     assert trainer.parse_args(["--snr_gamma", "0"]).snr_gamma is None
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
     assert dataset.eval_inference_steps == dataset.ddim_num_inference_steps
+    # the demo's step count stands in only when neither --num_epochs nor --max_train_steps is given
+    assert (demo.num_epochs, dataset.num_epochs) == (100, 100)
+    epochs = trainer.parse_args(["--num_epochs", "2"])
+    assert (epochs.num_epochs, epochs.max_train_steps, epochs.train_batch_size) == (2, None, 16)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -303,6 +307,9 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
     (["--eval_num_samples", "1"], "--eval_num_samples must be at least 2"),
     (["--snr_gamma", "-1"], "--snr_gamma must be positive, or 0 for no min-SNR weighting; got -1.0"),
+    (["--ddpm_num_steps", "50", "--ddim_num_inference_steps", "60"],
+     "--ddim_num_inference_steps 60 is more than --ddpm_num_steps 50"),
+    (["--eval_inference_steps", "2000"], "--eval_inference_steps 2000 is more than --ddpm_num_steps 1000"),
 ])
 def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 LOSSES = ("pseudo_huber", "l2")
+SAMPLER_LEVELS = 40  # noise levels of the saved pipeline's scheduler: at most this many sampler steps
 
 
 @dataclass
@@ -54,7 +55,7 @@ class ConsistencyRecipe:
             raise ValueError(f"--huber_c must be positive (0 makes the gradient infinite at equal outputs), got "
                              f"{self.huber_c}")
 
-    def scheduler(self, num_train_timesteps: int = 40):
+    def scheduler(self, num_train_timesteps: int = SAMPLER_LEVELS):
         """The stock sampler of the saved pipeline, with these noise levels (40 steps: diffusers' default grid
         for multistep sampling; one-step sampling starts at sigma_max whatever it is)."""
         from diffusers import CMStochasticIterativeScheduler
