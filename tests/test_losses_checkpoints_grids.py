@@ -17,9 +17,10 @@ from PIL import Image
 
 from immiscible_pipeline.training.accelerator_setup import tracker_config, weight_dtype
 from immiscible_pipeline.training.arguments import check_report_to, check_xformers_available, min_snr_gamma
-from immiscible_pipeline.training.checkpoints import (checkpoint_step, find_checkpoint, list_checkpoints, load_ema,
-                                                      register_checkpoint_hooks, resume_position, rotate_checkpoints,
-                                                      save_checkpoint, save_ema, updates_per_epoch)
+from immiscible_pipeline.training.checkpoints import (checkpoint_step, claim_output_dir, find_checkpoint,
+                                                      list_checkpoints, load_ema, register_checkpoint_hooks,
+                                                      resume_position, rotate_checkpoints, save_checkpoint, save_ema,
+                                                      trim_eval_history, updates_per_epoch)
 from immiscible_pipeline.training.interruption import StopOnSignal
 from immiscible_pipeline.training.losses import diffusion_loss, min_snr_loss, training_target
 from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
@@ -272,3 +273,25 @@ def test_log_images_reaches_tensorboard(tmp_path, fresh_accelerate):
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("samples")] == [7]
+
+
+def test_an_earlier_run_in_the_output_dir_is_refused_or_deleted_on_request(tmp_path):
+    assert claim_output_dir(tmp_path / "new", resuming=False, overwrite=False) == []
+    (tmp_path / "checkpoint-20").mkdir()
+    (tmp_path / "checkpoint-20" / "optimizer.bin").write_bytes(b"x")
+    (tmp_path / "eval_history.jsonl").write_text('{"step": 10}\n')
+    (tmp_path / "samples.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-20, eval_history.jsonl\)"):
+        claim_output_dir(tmp_path, resuming=False, overwrite=False)
+    assert claim_output_dir(tmp_path, resuming=True, overwrite=False) == []
+    assert len(claim_output_dir(tmp_path, resuming=False, overwrite=True, delete=False)) == 2  # another process
+    assert (tmp_path / "checkpoint-20").is_dir()
+    claim_output_dir(tmp_path, resuming=False, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["samples.png"]
+
+
+def test_a_resumed_run_drops_the_evaluations_it_will_repeat(tmp_path):
+    history = tmp_path / "eval_history.jsonl"
+    history.write_text("".join(json.dumps({"step": step, "fid": 1.0}) + "\n" for step in (5, 10, 15, 20)))
+    trim_eval_history(tmp_path, 10)
+    assert [json.loads(line)["step"] for line in history.read_text().splitlines()] == [5, 10]

@@ -244,7 +244,7 @@ def test_aliases_set_our_flags(tiny_sd):
         ["--ddpm_num_inference_steps", "3", "--eval_batch_size", "5", "--logger", "tensorboard", "--local_rank", "1",
          "--overwrite_output_dir", "--save_images_epochs", "2"])
     assert (ddim.ddim_num_inference_steps, ddim.num_validation_images, ddim.report_to) == (3, 5, "tensorboard")
-    assert not hasattr(ddim, "local_rank") and not hasattr(ddim, "overwrite_output_dir")
+    assert not hasattr(ddim, "local_rank") and ddim.overwrite_output_dir
     steps_from_epoch_flags(ddim, num_update_steps=7)
     assert ddim.validation_steps == 14
     sd = load_script(REPO / "train_immiscible_sd.py")

@@ -160,6 +160,13 @@ def test_resuming_from_the_final_checkpoint_trains_nothing_more(trainer, tmp_pat
     again = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(weights[key], again[key]) for key in weights)
 
+    # the same command without the resume flag would start over beside the old checkpoint: refused, unless asked
+    with pytest.raises(ValueError, match="holds an earlier run \\(checkpoint-2\\): pass --resume_from_checkpoint"):
+        run_in_process(trainer, tiny_args(tmp_path, *flags))
+    calls.clear()
+    run_in_process(trainer, tiny_args(tmp_path, *flags, "--overwrite_output_dir"))
+    assert len(calls) == 2 and summary(tmp_path)["global_step"] == 2
+
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, tiny_args, processes):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .checkpoints import updates_per_epoch
+from .checkpoints import claim_output_dir, updates_per_epoch
 from .hub_publishing import create_hub_repo
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ def setup_accelerator(args):
         logger.warning(advice)
     if args.seed is not None:
         set_seed(args.seed)  # the same initial weights on every process
+    # every process checks (so that all stop alike), the main one deletes
+    claim_output_dir(args.output_dir, args.resume_from_checkpoint is not None, args.overwrite_output_dir,
+                     delete=accelerator.is_main_process)
     repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -106,6 +106,10 @@ def add_output_arguments(parser, title: str = "checkpoints, samples, logs, hub")
     save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     save.add_argument("--resume_from_checkpoint", type=str, default=None,
                       help='A checkpoint folder (path or name in --output_dir), or "latest".')
+    save.add_argument("--overwrite_output_dir", action="store_true",
+                      help="Start a new run in an --output_dir that holds an earlier run's checkpoints or "
+                           "eval_history.jsonl: delete those first. Without it (or --resume_from_checkpoint) such a "
+                           "folder is refused.")
     save.add_argument("--report_to", type=str, default="tensorboard",
                       help='Tracker: "tensorboard", "wandb", "all" or "none".')
     save.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")

@@ -41,10 +41,41 @@ def resume(accelerator, args, num_update_steps: int) -> tuple[int, int, int]:
     logger.info("Resuming from checkpoint %s", checkpoint)
     accelerator.load_state(str(checkpoint))
     global_step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:
+        trim_eval_history(args.output_dir, global_step)
     return (global_step, *resume_position(global_step, num_update_steps, args.gradient_accumulation_steps))
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+EVAL_HISTORY = "eval_history.jsonl"  # one JSON line per evaluation during training (the FID curve)
+
+
+def claim_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: bool,
+                     delete: bool = True) -> list[Path]:
+    """Refuses to start a new run where an earlier one left checkpoints or an evaluation history (its
+    checkpoints would be rotated with the new run's, "latest" would later resume it, the histories would mix),
+    unless `overwrite` (--overwrite_output_dir): then those are deleted, if `delete` (the main process).
+    Returns what is, or would be, deleted."""
+    if resuming:
+        return []
+    earlier = list_checkpoints(output_dir) + [path for path in [Path(output_dir) / EVAL_HISTORY] if path.is_file()]
+    if earlier and not overwrite:
+        names = ", ".join(path.name for path in earlier)
+        raise ValueError(f"--output_dir {output_dir} holds an earlier run ({names}): pass --resume_from_checkpoint "
+                         "latest to continue it, --overwrite_output_dir to delete these and start over, or another "
+                         "--output_dir")
+    for path in earlier if delete else []:
+        logger.info("--overwrite_output_dir: deleting %s", path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return earlier
+
+
+def trim_eval_history(output_dir: str | os.PathLike, step: int) -> None:
+    """Drops the evaluations after `step` from the history, which a run resumed at `step` will make again."""
+    history = Path(output_dir) / EVAL_HISTORY
+    if history.is_file():
+        lines = history.read_text().splitlines(keepends=True)
+        history.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

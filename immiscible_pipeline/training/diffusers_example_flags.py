@@ -64,7 +64,6 @@ UNCONDITIONAL_FLAGS = (
                                        "UNet2DModel.from_pretrained)"),
     Unsupported("--use_auth_token", "log in with `huggingface-cli login` (or set HF_TOKEN): datasets then reads the "
                                     "token itself"),
-    Ignored("--overwrite_output_dir", "the output folder is always written over"),
     LOCAL_RANK,
 )
 

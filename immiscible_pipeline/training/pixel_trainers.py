@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from .checkpoints import EVAL_HISTORY
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +72,7 @@ def record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step: 
         sampler = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
         record = {"step": step, **sampler, **metrics, "num_samples": args.eval_num_samples,
                   "feature": args.eval_feature, "classifier_test_accuracy": evaluator.classifier_test_accuracy}
-        with open(Path(args.output_dir) / "eval_history.jsonl", "a") as history:
+        with open(Path(args.output_dir) / EVAL_HISTORY, "a") as history:
             history.write(json.dumps(record) + "\n")
         sampling = "" if num_inference_steps is None else f", {num_inference_steps}-step sampling"
         logger.info(f"step {step}{sampling}: FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} "
