@@ -340,3 +340,37 @@ def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier,
     assert json.loads((tmp_path / "tiny-cm" / "evaluation.json").read_text())["results"]["2"]["fid"] == two["fid"]
     single = evaluate.main(common + ["--num_inference_steps", "1", "--output_json", str(tmp_path / "one.json")])
     assert single["fid"] == pytest.approx(one["fid"], rel=1e-6)  # one step count: the usual flat record
+
+
+def test_a_reference_folder_is_read_through_the_given_datasets_cache(tiny_imagefolder, tmp_path):
+    cache = tmp_path / "datasets-cache"
+    images, labels = load_reference_images(ReferenceSpec(str(tiny_imagefolder), cache_dir=str(cache)), 8, 3,
+                                           with_labels=True)
+    assert images.shape[1:] == (3, 8, 8) and len(labels) == len(images)
+    assert any(cache.rglob("*.arrow"))  # datasets built its copy where the trainer's --cache_dir says
+
+
+def test_a_trainers_evaluator_takes_its_dataset_cache_and_named_label_column(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from immiscible_pipeline.evaluation import pipeline_metrics
+    from immiscible_pipeline.training.pixel_trainers import pixel_evaluator
+
+    built = []
+
+    class Recorder:
+        def __init__(self, reference, *args, **kwargs):
+            built.append(reference)
+
+        def prepare(self, *args):
+            pass
+
+    monkeypatch.setattr(pipeline_metrics, "TrainingEvaluator", Recorder)
+    args = Namespace(eval_steps=5, bundled_demo=False, dataset_name="me/flowers", train_data_dir=None,
+                     dataset_config_name=None, image_column="img", class_conditional=True, label_column="kind",
+                     cache_dir=str(tmp_path), eval_num_samples=4, eval_feature="classifier", train_batch_size=2,
+                     seed=0, eval_num_reference=10, resolution=8)
+    pixel_evaluator(args, 3, None, 2)
+    pixel_evaluator(Namespace(**{**vars(args), "class_conditional": False}), 3, None, 2)
+    assert built == [ReferenceSpec("me/flowers", image_column="img", label_column="kind", cache_dir=str(tmp_path)),
+                     ReferenceSpec("me/flowers", image_column="img", cache_dir=str(tmp_path))]

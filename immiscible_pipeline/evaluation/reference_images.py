@@ -13,6 +13,7 @@ shrinking), so reference and training images are prepared alike. Loading itself 
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ class ReferenceSpec:
     config_name: str | None = None
     image_column: str | None = None  # default: the first of IMAGE_COLUMNS present
     label_column: str | None = None  # default: the first of LABEL_COLUMNS present
+    cache_dir: str | None = None  # where `datasets` keeps a Hub download (not part of the identity)
 
     @property
     def is_bundled_mnist(self) -> bool:
@@ -61,7 +63,7 @@ class ReferenceSpec:
         return ident
 
     def with_split(self, split: str) -> "ReferenceSpec":
-        return ReferenceSpec(self.name, split, self.config_name, self.image_column, self.label_column)
+        return dataclasses.replace(self, split=split)
 
 
 def to_model_images(pil_images, resolution: int, channels: int) -> torch.Tensor:
@@ -79,8 +81,9 @@ def _pick(count: int, max_images: int | None, seed: int) -> np.ndarray:
 
 def _load_hub_or_folder(spec: ReferenceSpec):
     if spec.is_folder:
-        return load_image_dataset(train_data_dir=spec.name, split=spec.split)
-    return load_image_dataset(dataset_name=spec.name, dataset_config_name=spec.config_name, split=spec.split)
+        return load_image_dataset(train_data_dir=spec.name, cache_dir=spec.cache_dir, split=spec.split)
+    return load_image_dataset(dataset_name=spec.name, dataset_config_name=spec.config_name, cache_dir=spec.cache_dir,
+                              split=spec.split)
 
 
 def _column(dataset, wanted: str | None, defaults: tuple, what: str, required: bool) -> str | None:
@@ -94,7 +97,9 @@ def _column(dataset, wanted: str | None, defaults: tuple, what: str, required: b
             return name
     if required:
         raise ValueError(f"cannot tell which column of the reference dataset holds the {what}s "
-                         f"(columns: {', '.join(columns)}); name it explicitly")
+                         f"(columns: {', '.join(columns)}); name it explicitly (the evaluate CLI: "
+                         f"--reference_{what}_column; the trainers: --{what}_column)"
+                         + (", or take Inception features, which need no labels" if what == "label" else ""))
     return None
 
 

@@ -47,8 +47,10 @@ def pixel_evaluator(args, channels: int, accelerator, num_inference_steps: int):
     from ..evaluation.pipeline_metrics import TrainingEvaluator
     from ..evaluation.reference_images import ReferenceSpec
 
+    named_labels = args.label_column if getattr(args, "class_conditional", False) else None  # else: found by name
     reference = ReferenceSpec() if args.bundled_demo else ReferenceSpec(
-        args.dataset_name or args.train_data_dir, config_name=args.dataset_config_name, image_column=args.image_column)
+        args.dataset_name or args.train_data_dir, config_name=args.dataset_config_name, image_column=args.image_column,
+        label_column=named_labels, cache_dir=args.cache_dir)
     evaluator = TrainingEvaluator(reference, args.eval_num_samples, args.eval_feature, num_inference_steps,
                                   batch_size=args.train_batch_size, seed=args.seed or 0,
                                   num_reference=args.eval_num_reference, progress=True)
