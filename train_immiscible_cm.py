@@ -314,8 +314,8 @@ def push_to_hub(args, repo_id, summary):
         usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
                f"one_step = pipeline(batch_size=16, num_inference_steps=1{labels}).images\n"
                f"two_step = pipeline(batch_size=16, num_inference_steps=2{labels}).images"))
-    tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "consistency-models",
-                                               f"scope-{args.assignment_scope}"]
+    task = "class-conditional-image-generation" if args.class_conditional else "unconditional-image-generation"
+    tags = immiscible_tags(args.immiscible) + [task, "consistency-models", f"scope-{args.assignment_scope}"]
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)
     upload_output_folder(args.output_dir, repo_id, args.hub_token)
 

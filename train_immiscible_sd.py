@@ -11,8 +11,9 @@ fine-tuned, or a LoRA; saved as a StableDiffusionPipeline (or, with --rank, as L
         --immiscible knn --immiscible_k 4
 
 Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py (their command
-lines work: same flag names, aliases, or an error saying what to use instead), plus the immiscible flags,
-prompts made from class names, and a latent cache. The one change to the usual loop: the noise of each
+lines work: same flag names, aliases, or an error saying what to use instead; add --rank 4 to a LoRA command
+that relied on the LoRA script's default rank), plus the immiscible flags, prompts made from class names, and
+a latent cache. The one change to the usual loop: the noise of each
 micro-batch is drawn and assigned to its scaled VAE latents (`noise = immiscible(latents)`) before noise
 offset, input perturbation and `add_noise`, and that assigned noise is what the loss targets.
 """
@@ -308,7 +309,7 @@ def main(args):
     logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
                 f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
                 f"steps ({num_epochs} epochs) at {resolution} px; UNet "
-                f"{'from scratch' if args.from_scratch else f'LoRA rank {args.rank}' if args.rank else 'fine-tuned'}; "
+                f"{'from scratch' if args.from_scratch else f'LoRA rank {args.rank}' if args.rank else 'fine-tuned whole (for a LoRA, as train_text_to_image_lora.py trains by default, pass --rank 4)'}; "
                 f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
                 f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
@@ -395,7 +396,8 @@ def main(args):
                          Path(args.output_dir) / "samples.png")
         summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
                    "global_step": global_step, "resolution": resolution, "dataset": dataset_description,
-                   "num_images": len(dataset), "caption_column": caption_column, "class_names": captioner.class_names}
+                   "num_images": len(dataset), "caption_column": caption_column, "class_names": captioner.class_names,
+                   "scaled_learning_rate": learning_rate, "mixed_precision": accelerator.mixed_precision}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
@@ -434,8 +436,8 @@ def push_to_hub(args, repo_id, summary):
                 "dataset": summary["dataset"], "prompts": prompts,
                 "resolution": summary["resolution"], "batch size (total)": summary["total_batch_size"],
                 "processes": summary["num_processes"], "steps": summary["global_step"],
-                "learning rate": args.learning_rate, "EMA": args.use_ema, "snr_gamma": args.snr_gamma,
-                "mixed precision": args.mixed_precision or "accelerate default"}
+                "learning rate": summary["scaled_learning_rate"], "EMA": args.use_ema, "snr_gamma": args.snr_gamma,
+                "mixed precision": summary["mixed_precision"]}
     method = (f"Immiscible Diffusion ({args.immiscible} noise assignment on the VAE latents, arXiv 2406.12303) on "
               f"{summary['dataset']} using `train_immiscible_sd.py` from immiscible-diffusers")
     tags = immiscible_tags(args.immiscible) + ["stable-diffusion", "text-to-image", f"scope-{args.assignment_scope}"]

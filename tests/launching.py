@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def launch_command(processes: int, script, *args) -> list:
     """`accelerate launch` of `script` with `processes` CPU processes: several are MULTI_CPU with gloo, which
-    takes --multi_gpu together with ACCELERATE_USE_CPU (see `launch_environment` and DESIGN.md)."""
+    takes --multi_gpu together with ACCELERATE_USE_CPU (see `launch_environment`)."""
     topology = ["--num_processes", "1"] if processes == 1 else [
         "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",

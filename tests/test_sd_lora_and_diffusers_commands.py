@@ -168,6 +168,7 @@ def test_knn_at_batch_one_assigns_every_step_without_the_linear_warning(lora):
 def test_lora_model_card(lora, tiny_sd):
     card = lora["card"]
     for text in ("- lora", "- immiscible-knn", "- immiscible-diffusion", f"base_model: {tiny_sd}",
+                 "| mixed precision | no |", "| learning rate | 0.0005 |",
                  f"Trigger prompt: `{INSTANCE_PROMPT}`", "| UNet | LoRA rank 4 |",
                  f'DiffusionPipeline.from_pretrained("{tiny_sd}")', 'pipeline.load_lora_weights("me/tiny-lora")'):
         assert text in card, text

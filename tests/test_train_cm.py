@@ -144,6 +144,8 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
                                       "--loss", "l2", "--push_to_hub", "--hub_token", "tok",
                                       "--gradient_checkpointing", "--center_crop"))
     assert len(groups_seen) == 2 and all(set(groups.tolist()) <= {0, 1} for groups in groups_seen)
+    # 8 of the 12 images, 6 per class: both classes are in the groups, which are the labels, not a constant
+    assert set(torch.cat(groups_seen).tolist()) == {0, 1}
     pipeline = DiffusionPipeline.from_pretrained(output)
     assert pipeline.unet.config.num_class_embeds == 2 and summary(output)["class_names"] == ["class_0", "class_1"]
     noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -151,7 +153,9 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
                          output_type="np").images for label in (0, 1)]
     assert not (by_class[0] == by_class[1]).all()  # the class embedding is used
     card = (output / "README.md").read_text()
+    assert "unconditional-image-generation" not in card
     for text in ("- immiscible-diffusion", "- consistency-models", "| class-conditional | True |", "| loss | l2 |",
+                 "- class-conditional-image-generation",
                  "| noise levels | 10 -> 1280 |", "num_inference_steps=2, class_labels=[0] * 16"):
         assert text in card, text
     assert uploaded and uploaded[0]["repo_id"] == "me/tiny-cm"

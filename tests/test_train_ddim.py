@@ -294,7 +294,7 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
     assert dataset.train_batch_size == 128
-    # with a dataset, diffusers' train_unconditional.py choices; --snr_gamma 0 turns the demo's weighting off
+    # with a dataset, train_unconditional.py's objective and schedule; --snr_gamma 0 turns the demo's weighting off
     assert (dataset.prediction_type, dataset.ddpm_beta_schedule, dataset.snr_gamma) == ("epsilon", "linear", None)
     assert trainer.parse_args(["--snr_gamma", "0"]).snr_gamma is None
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
