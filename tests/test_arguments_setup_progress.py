@@ -1,9 +1,10 @@
-"""immiscible_pipeline.training (arguments, accelerator_setup, step_bookkeeping, pixel_trainers): the pieces
-that do not need a training run."""
+"""immiscible_pipeline.training (arguments, accelerator_setup): the pieces that do not need a training run."""
 
 import copy
+import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
@@ -78,3 +79,42 @@ def test_cpu_training_with_idle_cores_gets_the_launch_flag_that_uses_them():
     assert cpu_thread_advice("cpu", threads=4, cores=8, processes=2) is None  # already uses its share
     assert cpu_thread_advice("cpu", threads=1, cores=2, processes=2) is None  # one core each: nothing idle
     assert cpu_thread_advice("cuda", threads=1, cores=8, processes=1) is None  # the GPU does the work
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_lr_schedule_spans_the_run_whatever_the_process_count(processes):
+    # Accelerate's prepared scheduler steps once per process for each optimisation step
+    from immiscible_pipeline.training.accelerator_setup import make_lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    flags = SimpleNamespace(max_train_steps=None, gradient_accumulation_steps=2, lr_scheduler="linear",
+                            lr_warmup_steps=3)
+    scheduler, max_train_steps = make_lr_scheduler(flags, optimizer, num_batches=20,
+                                                   accelerator=SimpleNamespace(num_processes=processes), num_epochs=4)
+    assert max_train_steps == 4 * math.ceil(20 / processes / 2)  # 40 or 20 optimisation steps
+    rates = []
+    for _ in range(max_train_steps):
+        for _ in range(processes):
+            scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[2] == pytest.approx(1.0) and rates[1] < 1.0  # the peak after the 3 warm-up steps
+    assert rates[-1] == pytest.approx(0.0) and min(rates[:-1]) > 0.0  # and zero at the last step, not before
+
+
+def test_common_checks_name_the_flag_at_fault(tmp_path):
+    from immiscible_pipeline.training.arguments import check_common_args
+
+    def flags(**changes):
+        base = dict(dataset_name=None, train_data_dir=None, immiscible_k=8, train_batch_size=4,
+                    gradient_accumulation_steps=1, checkpointing_steps=10, max_train_steps=None,
+                    checkpoints_total_limit=None, num_epochs=1, enable_xformers_memory_efficient_attention=False,
+                    report_to="none", hub_token=None)
+        return SimpleNamespace(**{**base, **changes})
+
+    check_common_args(flags(train_data_dir=str(tmp_path)), ("num_epochs",))
+    for changes, message in [({"train_data_dir": str(tmp_path / "missing")}, "--train_data_dir .* is not a directory"),
+                             ({"dataset_name": "x", "train_data_dir": str(tmp_path)}, "either --dataset_name or"),
+                             ({"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps must be at least 1"),
+                             ({"num_epochs": 0}, "--num_epochs must be at least 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            check_common_args(flags(**changes), ("num_epochs",))

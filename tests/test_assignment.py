@@ -43,7 +43,7 @@ def test_solver_matches_scipy_on_explicit_costs(solver, batch):
     assert cost[np.arange(batch), cols].sum() == pytest.approx(cost[rows, ref_cols].sum(), rel=1e-12)
 
 
-def test_solvers_agree_on_degenerate_costs():
+def test_solvers_return_a_permutation_on_degenerate_costs():  # every pairing is optimal: no ties may break them
     cost = np.ones((16, 16))
     for solver in ("lap", "scipy"):
         assert sorted(solve_assignment(cost, solver).tolist()) == list(range(16))

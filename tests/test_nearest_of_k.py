@@ -23,8 +23,11 @@ def test_reference_keeps_the_nearest_of_its_candidates():
 
 def test_k_one_is_plain_noise_distance():
     x0 = torch.randn(4000, 8)
-    _, first, best = knn_noise(x0, 1, torch.Generator().manual_seed(1))
+    noise, first, best = knn_noise(x0, 1, torch.Generator().manual_seed(1))
     assert torch.equal(first, best)
+    # one candidate: the noise is plain N(0, I), and its distance is the one to that noise
+    assert abs(noise.mean().item()) < 0.03 and noise.var().item() == pytest.approx(1.0, abs=0.04)
+    torch.testing.assert_close(best, (x0 - noise).norm(dim=1))
 
 
 @pytest.mark.parametrize("df", [1, 2, 5, 63, 4095])
