@@ -27,7 +27,8 @@ from immiscible_pipeline.training.accelerator_setup import (end_training, make_a
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
                                                     add_immiscible_arguments, add_optimizer_arguments,
                                                     add_output_arguments, add_pixel_data_arguments,
-                                                    assignment_batch_warning, check_common_args)
+                                                    assignment_batch_warning, check_common_args,
+                                                    fill_pixel_defaults)
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
 from immiscible_pipeline.training.consistency_training import (LOSSES, SAMPLER_LEVELS, consistency_loss,
                                                               ConsistencyRecipe)
@@ -137,14 +138,7 @@ def check_args(args):
     if not all(1 <= steps <= SAMPLER_LEVELS for steps in args.eval_inference_steps):
         raise ValueError(f"--eval_inference_steps must be between 1 and {SAMPLER_LEVELS} (the sampler's noise levels), "
                          f"got {args.eval_inference_steps}")
-    args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
-    defaults = dict(DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS)
-    if args.num_epochs is not None:
-        defaults.pop("max_train_steps")  # the demo's step count only when neither --num_epochs nor steps are given
-    for flag, value in defaults.items():
-        if flag != "unet" and getattr(args, flag) is None:
-            setattr(args, flag, value)
-    args.num_epochs = args.num_epochs or 100
+    fill_pixel_defaults(args, DEMO_DEFAULTS, DATASET_DEFAULTS)  # sets args.bundled_demo
     if not 0.0 <= args.dropout < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     args.recipe = ConsistencyRecipe(args.sigma_min, args.sigma_max, args.sigma_data, args.rho, args.curriculum_start,

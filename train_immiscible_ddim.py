@@ -26,7 +26,8 @@ from immiscible_pipeline.training.accelerator_setup import (end_training, make_a
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
                                                     add_immiscible_arguments, add_optimizer_arguments,
                                                     add_output_arguments, add_pixel_data_arguments,
-                                                    assignment_batch_warning, check_common_args, min_snr_gamma)
+                                                    assignment_batch_warning, check_common_args,
+                                                    fill_pixel_defaults, min_snr_gamma)
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
 from immiscible_pipeline.training.diffusers_example_flags import (UNCONDITIONAL_FLAGS, add_diffusers_flags,
                                                                   steps_from_epoch_flags)
@@ -43,10 +44,11 @@ logger = get_logger(__name__, log_level="INFO")
 # Flags left unset take these values: with no dataset flag, a demo on the bundled MNIST sized to finish in a
 # few minutes on a CPU; with a dataset, the DDPM CIFAR-10 UNet at its 32 px with DDPM's batch 128 and learning
 # rate 2e-4 (train_unconditional.py: its own UNet at 64 px, batch 16, 1e-4), and train_unconditional.py's
-# epsilon prediction, linear betas, cosine decay and 500 warm-up steps, for --num_epochs. The demo's settings come from a sweep (docs/train-ddim.md):
-# predicting the clean image on a cosine schedule with min-SNR weighting raised the share of 1000 samples the
-# MNIST classifier labels with confidence >= 0.9 from 0.44 to 0.72-0.73; a UNet without attention that costs
-# half as much per step, at batch 16, keeps that share in about 4.5 minutes of training on 2 cores instead of 8.
+# epsilon prediction, linear betas, cosine decay and 500 warm-up steps, for --num_epochs. The demo's settings
+# come from a sweep (docs/train-ddim.md): predicting the clean image on a cosine schedule with min-SNR
+# weighting raised the share of 1000 samples the MNIST classifier labels with confidence >= 0.9 from 0.44 to
+# 0.72-0.73; a UNet without attention that costs half as much per step, at batch 16, keeps that share in about
+# 4.5 minutes of training on 2 cores instead of 8.
 DEMO_DEFAULTS = {"unet": MNIST_DEMO_UNET, "train_batch_size": 16, "max_train_steps": 4400, "learning_rate": 1e-3,
                  "lr_warmup_steps": 100, "use_ema": True, "prediction_type": "sample",
                  "ddpm_beta_schedule": "squaredcos_cap_v2", "snr_gamma": 5.0}
@@ -127,14 +129,7 @@ def check_args(args):
                              "resolution", "eval_steps", "eval_num_reference", "eval_inference_steps"))
     if args.eval_num_samples < 2:
         raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}")
-    args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
-    defaults = dict(DEMO_DEFAULTS if args.bundled_demo else DATASET_DEFAULTS)
-    if args.num_epochs is not None:
-        defaults.pop("max_train_steps")  # the demo's step count only when neither --num_epochs nor steps are given
-    for flag, value in defaults.items():
-        if flag != "unet" and getattr(args, flag) is None:
-            setattr(args, flag, value)
-    args.num_epochs = args.num_epochs or 100
+    fill_pixel_defaults(args, DEMO_DEFAULTS, DATASET_DEFAULTS)  # sets args.bundled_demo
     args.snr_gamma = min_snr_gamma(args.snr_gamma)
     args.eval_feature = args.eval_feature or ("classifier" if args.bundled_demo else "inception")
     args.eval_inference_steps = args.eval_inference_steps or args.ddim_num_inference_steps
