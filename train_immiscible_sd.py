@@ -13,9 +13,9 @@ fine-tuned, or a LoRA; saved as a StableDiffusionPipeline (or, with --rank, as L
 Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py (their command
 lines work: same flag names, aliases, or an error saying what to use instead; add --rank 4 to a LoRA command
 that relied on the LoRA script's default rank), plus the immiscible flags, prompts made from class names, and
-a latent cache. The one change to the usual loop: the noise of each
-micro-batch is drawn and assigned to its scaled VAE latents (`noise = immiscible(latents)`) before noise
-offset, input perturbation and `add_noise`, and that assigned noise is what the loss targets.
+a latent cache. The one change to the usual loop: the noise of each micro-batch is drawn and assigned to its
+scaled VAE latents (`noise = immiscible(latents)`) before noise offset, input perturbation and `add_noise`, and
+that assigned noise is what the loss targets.
 """
 
 import argparse
@@ -74,7 +74,8 @@ def parse_args(input_args=None):
                        help="What the UNet predicts. Default: the pretrained scheduler's prediction_type. The saved "
                             "pipeline's scheduler is set to it.")
     model.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR loss weighting with this gamma (arXiv 2303.09556; 5.0 is usual). Default (or 0): off.")
+                       help="Min-SNR loss weighting with this gamma (arXiv 2303.09556; 5.0 is usual). Default (or 0): "
+                            "off.")
     model.add_argument("--noise_offset", type=float, default=0.0,
                        help="Scale of the offset noise added per sample and channel, after the assignment.")
     model.add_argument("--input_perturbation", type=float, default=0.0,

@@ -12,8 +12,8 @@ shrinking), so reference and training images are prepared alike. Loading itself 
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np

@@ -66,7 +66,10 @@ def claim_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
                          "--output_dir")
     for path in earlier if delete else []:
         logger.info("--overwrite_output_dir: deleting %s", path)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return earlier
 
 
