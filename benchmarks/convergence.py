@@ -241,7 +241,7 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
     step_ms, noise_ms, losses = [], [], []
     data = batches(images, settings.batch_size, seed)
     model.train()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()  # CPU time leaves out pauses (SIGSTOP)
     for step in range(1, settings.steps + 1):
         clean = next(data)
         t0 = time.perf_counter()
@@ -278,7 +278,8 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
                 f" (evaluation {time.perf_counter() - eval_start:.0f} s, run {time.perf_counter() - started:.0f} s)")
     return {"method": name, "seed": seed, "curves": curves, "step_ms_median": statistics.median(step_ms),
             "noise_ms_median": statistics.median(noise_ms), "train_seconds": sum(step_ms) / 1000,
-            "wall_seconds": time.perf_counter() - started, "machine": machine()}
+            "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "machine": machine()}
 
 
 # --- the real trainers (--backend script) -----------------------------------------------------------------------
@@ -590,7 +591,12 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
                       "run with another horizon trains on another curriculum, so these curves are not the first part "
                       "of a longer run's, and a longer run's FID at the same step can differ."]
     lines += ["", f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
-                  f"{sum(r['wall_seconds'] for r in runs) / 60:.1f} min; of this invocation: {wall_minutes:.1f} min."]
+                  f"{sum(r['wall_seconds'] for r in runs) / 60:.1f} min (pauses included); of this invocation: "
+                  f"{wall_minutes:.1f} min."]
+    timed = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+    if timed:
+        lines[-1] += (f" CPU time of the {len(timed)} run(s) that record it (all threads, pauses left out): "
+                      f"{sum(timed) / 3600:.2f} h.")
     return "\n".join(lines) + "\n"
 
 

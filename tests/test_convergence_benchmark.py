@@ -164,6 +164,7 @@ def test_smoke_run_writes_tables_per_sampler_step_count_plot_and_reusable_runs(c
             assert [p["step"] for p in curve] == [3, 6]
             assert all(math.isfinite(p["fid"]) and math.isfinite(p["kid_mean"]) for p in curve)
         assert run["step_ms_median"] > 0 and run["noise_ms_median"] > 0
+        assert 0 < run["cpu_seconds"]  # the machine time a run took, which a paused run's wall clock overstates
         assert run["machine"].endswith(", 1 torch threads")  # the smoke run's threads, kept with its timings
     # Different sampler step counts sample differently: the curves are not copies of each other.
     assert result["runs"][0]["curves"]["1"][0]["fid"] != result["runs"][0]["curves"]["2"][0]["fid"]
@@ -173,6 +174,7 @@ def test_smoke_run_writes_tables_per_sampler_step_count_plot_and_reusable_runs(c
     assert table.count(f"| step | {' | '.join(names)} |") == 2 and "| 3 |" in table and "| 6 |" in table
     assert table.count("Speed-up at equal FID") == 2 and "noise call share" in table
     assert table.count("converged? ") >= 4 and "torch threads" in table
+    assert "CPU time of the 3 run(s) that record it" in table
     assert ("curriculum depends on the total steps" in table) == (family == "cm")
     assert (out / "fid_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
