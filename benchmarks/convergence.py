@@ -466,16 +466,21 @@ def convergence_check(steps: list[int], fids: list[float], threshold: float = CO
     return result
 
 
+def change(improvement: float) -> str:
+    """A relative FID change in words: "38.1% better" or "4.0% worse" (lower FID is better)."""
+    return f"{100 * abs(improvement):.1f}% {'better' if improvement >= 0 else 'worse'}"
+
+
 def describe_convergence(check: dict) -> str:
     """One line: converged? with the numbers behind it."""
     if check["improvement"] is None:
         return f"converged? unknown: no evaluation at half the run's {check['end_step']} steps"
     verdict = "yes" if check["converged"] else "no"
     line = (f"converged? {verdict}: vanilla's mean FID {check['fid_half']:.3g} at step {check['end_step'] / 2:g} -> "
-            f"{check['fid_end']:.3g} at step {check['end_step']}, {100 * check['improvement']:+.1f}% over the last "
-            f"doubling (criterion: < {100 * check['threshold']:.0f}%)")
+            f"{check['fid_end']:.3g} at step {check['end_step']}, {change(check['improvement'])} over the last "
+            f"doubling (criterion: less than {100 * check['threshold']:.0f}% better)")
     if check["previous_improvement"] is not None:
-        line += f"; {100 * check['previous_improvement']:+.1f}% over the doubling before"
+        line += f"; {change(check['previous_improvement'])} over the doubling before"
     if not check["converged"]:
         line += (f"; the budget stopped it {100 * (check['improvement'] - check['threshold']):.1f} points above "
                  "the criterion")
@@ -557,7 +562,7 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
                 lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean_std(values)} | {shown} | "
                              f"{'(reference)' if m == 'none' else summary['verdict'][m]} |")
         if "converged" in summary:
-            per_seed = ", ".join("-" if c["improvement"] is None else f"{100 * c['improvement']:+.1f}%"
+            per_seed = ", ".join("-" if c["improvement"] is None else change(c["improvement"])
                                  for c in summary["converged_per_seed"].values())
             lines += ["", describe_convergence(summary["converged"]) + f" (per seed: {per_seed})."]
         lines.append("")

@@ -97,10 +97,11 @@ def test_converged_means_less_than_ten_percent_better_over_the_last_doubling(con
     still = convergence.convergence_check(steps, [50, 20, 12, 10.0, 8.5])
     assert still["converged"] is False and still["improvement"] == pytest.approx(0.15)
     line = convergence.describe_convergence(still)
-    assert "converged? no" in line and "+15.0%" in line and "5.0 points above" in line
+    assert "converged? no" in line and "15.0% better over the last doubling" in line and "5.0 points above" in line
     assert "converged? yes" in convergence.describe_convergence(flat)
     worse = convergence.convergence_check(steps, [50, 20, 12, 10.0, 11.0])  # got worse: it has levelled off
     assert worse["converged"] is True and worse["improvement"] < 0
+    assert "10.0% worse over the last doubling" in convergence.describe_convergence(worse)
     # The half-way point interpolated between evaluations (1500 between 1000 and 2000 steps).
     between = convergence.convergence_check([1000, 2000, 3000], [30.0, 20.0, 19.0])
     assert between["fid_half"] == pytest.approx(25.0) and between["fid_quarter"] is None
