@@ -310,7 +310,7 @@ def main(args):
     logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
                 f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
                 f"steps ({num_epochs} epochs) at {resolution} px; UNet "
-                f"{'from scratch' if args.from_scratch else f'LoRA rank {args.rank}' if args.rank else 'fine-tuned whole (for a LoRA, as train_text_to_image_lora.py trains by default, pass --rank 4)'}; "
+                f"{unet_kind(args)}{'' if args.rank or args.from_scratch else ' (a LoRA needs --rank 4)'}; "
                 f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
                 f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
@@ -419,6 +419,11 @@ def save_samples(accelerator, args, pipeline, resolution, step, path):
     log_images(accelerator, "validation", images, step)
 
 
+def unet_kind(args) -> str:
+    """How the UNet is trained, for the log and the model card."""
+    return "from scratch" if args.from_scratch else f"LoRA rank {args.rank}" if args.rank else "fine-tuned"
+
+
 def push_to_hub(args, repo_id, summary):
     """The model card (a LoRA card with --rank: base model, trigger or class prompts, `lora` tag) and the upload."""
     class_prompts = [args.prompt_template.format(name.split(",")[0].strip()) for name in summary["class_names"] or []]
@@ -429,11 +434,10 @@ def push_to_hub(args, repo_id, summary):
     else:
         prompts, example = f"captions of column {summary['caption_column']!r}", "a photo"
     example = args.validation_prompts[0] if args.validation_prompts else example
-    unet_kind = "from scratch" if args.from_scratch else f"LoRA rank {args.rank}" if args.rank else "fine-tuned"
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
                 "assignment scope": args.assignment_scope, "assignment groups": args.immiscible_groups,
                 "base model": args.pretrained_model_name_or_path,
-                "UNet": unet_kind,
+                "UNet": unet_kind(args),
                 "dataset": summary["dataset"], "prompts": prompts,
                 "resolution": summary["resolution"], "batch size (total)": summary["total_batch_size"],
                 "processes": summary["num_processes"], "steps": summary["global_step"],

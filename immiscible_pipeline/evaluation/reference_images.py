@@ -97,9 +97,9 @@ def _column(dataset, wanted: str | None, defaults: tuple, what: str, required: b
             return name
     if required:
         raise ValueError(f"cannot tell which column of the reference dataset holds the {what}s "
-                         f"(columns: {', '.join(columns)}); name it explicitly (the evaluate CLI: "
-                         f"--reference_{what}_column; the trainers: --{what}_column)"
-                         + (", or take Inception features, which need no labels" if what == "label" else ""))
+                         f"(columns: {', '.join(columns)}); name it explicitly (the evaluate CLI: --reference_{what}_column"
+                         + ("; train_immiscible_cm.py: --label_column with --class_conditional), or take Inception "
+                            "features, which need no labels" if what == "label" else "; the trainers: --image_column)"))
     return None
 
 
