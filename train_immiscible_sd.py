@@ -310,7 +310,7 @@ def main(args):
     logger.info(f"{len(dataset)} images ({dataset_description}), {accelerator.num_processes} process(es), batch "
                 f"{args.train_batch_size} per process, total batch {total_batch_size}, {max_train_steps} optimisation "
                 f"steps ({num_epochs} epochs) at {resolution} px; UNet "
-                f"{unet_kind(args)}{'' if args.rank or args.from_scratch else ' (a LoRA needs --rank 4)'}; "
+                f"{unet_kind(args)}{'' if args.rank or args.from_scratch else ' (for a LoRA pass --rank, e.g. 4)'}; "
                 f"prompts: {'class names' if captioner.is_class_label else 'captions'} of column "
                 f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
