@@ -288,7 +288,7 @@ def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder
     demo = trainer.parse_args([])
     assert demo.bundled_demo and demo.use_ema
     assert (demo.max_train_steps, demo.train_batch_size, demo.learning_rate) == (4400, 16, 1e-3)
-    assert (demo.prediction_type, demo.ddpm_beta_schedule, demo.snr_gamma) == ("sample", "squaredcos_cap_v2", 5.0)
+    assert (demo.prediction_type, demo.ddpm_beta_schedule, demo.snr_gamma) == ("sample", "squaredcos_cap_v2", 0.5)
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
