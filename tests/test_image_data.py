@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from immiscible_pipeline.training.image_data import (EpochShuffle, ImageTransform, TrainImages, check_column,
-                                                     load_image_dataset, load_mnist, mnist_arrays, to_pil,
-                                                     train_dataloader)
+from immiscible_pipeline.training.image_data import (EpochShuffle, ImageTransform, PreparedTrainImages, TrainImages,
+                                                     check_column, load_image_dataset, load_mnist, mnist_arrays,
+                                                     to_pil, train_dataloader, train_images_for)
 
 
 def test_bundled_mnist_splits_and_exact_bytes():
@@ -155,3 +155,53 @@ def test_an_undecodable_image_is_named_when_read(tmp_path):
         except ValueError as error:
             errors.append(str(error))
     assert len(errors) == 1 and "truncated.png (column 'image')" in errors[0]
+
+
+def _array_dataset(images, labels):
+    import datasets
+
+    shape = images.shape[1:]
+    array = datasets.Array2D(shape, "uint8") if len(shape) == 2 else datasets.Array3D(shape, "uint8")
+    return datasets.Dataset.from_dict({"image": images, "label": labels},
+                                      features=datasets.Features({"image": array, "label": datasets.Value("int64")}))
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_prepared_images_give_the_streaming_tensors_flips_included(center_crop):
+    digits = load_mnist("test").select(range(300, 0, -3))  # an indices mapping, as after a shuffle or a select
+    transform = ImageTransform(16, channels=1, center_crop=center_crop, random_flip=True)
+    prepared = PreparedTrainImages(digits, "image", transform, seed=4, keep_columns=["label"])
+    streaming = TrainImages(digits, "image", transform, seed=4, keep_columns=["label"])
+    plain = PreparedTrainImages(digits, "image", ImageTransform(16, channels=1), seed=4)
+    plain = [item["pixel_values"] for item in plain.__getitems__(list(range(len(digits))))]
+    flipped = set()
+    for epoch in (0, 3):
+        prepared.start_epoch(epoch)
+        streaming.start_epoch(epoch)
+        indices = list(range(len(digits)))
+        fast, slow = prepared.__getitems__(indices), streaming.__getitems__(indices)
+        assert all(torch.equal(a["pixel_values"], b["pixel_values"]) and a["label"] == b["label"]
+                   for a, b in zip(fast, slow))
+        mirrored = [torch.equal(item["pixel_values"], unflipped.flip(-1)) for item, unflipped in zip(fast, plain)]
+        assert all(mirrored[i] or torch.equal(item["pixel_values"], plain[i]) for i, item in enumerate(fast))
+        flipped.add(tuple(mirrored))
+    assert len(flipped) == 2  # the flips differ between epochs
+    batch = next(iter(train_dataloader(prepared, batch_size=8)))
+    assert batch["pixel_values"].shape == (8, 1, 16, 16) and batch["label"].shape == (8,)
+
+
+def test_train_images_for_picks_memory_for_square_arrays_only(tiny_imagefolder, tmp_path):
+    rng = np.random.default_rng(0)
+    colour = _array_dataset(rng.integers(0, 256, (6, 12, 12, 3), dtype=np.uint8), list(range(6)))
+    transform = ImageTransform(8, channels=3, random_flip=True)
+    prepared = train_images_for(colour, "image", transform, seed=1)
+    assert type(prepared) is PreparedTrainImages
+    streaming = TrainImages(colour, "image", transform, seed=1)
+    assert all(torch.equal(prepared[i]["pixel_values"], streaming[i]["pixel_values"]) for i in range(6))
+
+    wide = _array_dataset(rng.integers(0, 256, (4, 10, 14), dtype=np.uint8), list(range(4)))
+    assert type(train_images_for(wide, "image", transform, seed=1)) is TrainImages  # a random crop: per step
+    with pytest.raises(ValueError, match="'image' does not hold square arrays"):
+        PreparedTrainImages(wide, "image", transform)
+    folder = load_image_dataset(train_data_dir=str(tiny_imagefolder), cache_dir=str(tmp_path))
+    assert type(train_images_for(folder, "image", transform)) is TrainImages  # files: decoded per step

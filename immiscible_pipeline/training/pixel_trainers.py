@@ -17,8 +17,8 @@ def pixel_training_data(args, accelerator, channels: int, label_column: str | No
     `TrainImages` and their loader; the main process downloads and caches first. With `label_column` (a
     ClassLabel column, checked) batches also hold the labels. Returns (dataset, train_images, loader,
     description of the source, class names or None)."""
-    from .image_data import (ImageTransform, TrainImages, class_label_names, describe_dataset, load_image_dataset,
-                             train_dataloader)
+    from .image_data import (ImageTransform, class_label_names, describe_dataset, load_image_dataset,
+                             train_dataloader, train_images_for)
 
     description = describe_dataset(args.dataset_name, args.train_data_dir)
     if args.bundled_demo and accelerator.is_main_process:
@@ -33,8 +33,8 @@ def pixel_training_data(args, accelerator, channels: int, label_column: str | No
     class_names = class_label_names(dataset, label_column) if label_column is not None else None
     transform = ImageTransform(args.resolution, channels, args.center_crop, args.random_flip)
     data_seed = args.seed if args.seed is not None else 0  # the same shuffle on every process
-    train_images = TrainImages(dataset, args.image_column, transform, seed=data_seed,
-                               keep_columns=[label_column] if label_column is not None else ())
+    train_images = train_images_for(dataset, args.image_column, transform, seed=data_seed,
+                                    keep_columns=[label_column] if label_column is not None else ())
     loader = train_dataloader(train_images, args.train_batch_size, args.dataloader_num_workers)
     return dataset, train_images, loader, description, class_names
 
