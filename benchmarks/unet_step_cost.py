@@ -7,7 +7,10 @@ The DDIM demo's UNet was chosen by this measurement (docs/train-ddim.md): most o
 forward and backward pass, so a cheaper UNet buys more steps in the same wall clock. Torch alone, no trainer
 around it: random 16 px grey input, an MSE loss, `zero_grad` + `backward` + the trainers' AdamW (`make_adamw`,
 fused where the device has the kernel). A second table times the updates alone, the ones a small UNet pays per
-step whatever its batch: AdamW and diffusers' EMAModel, each as a loop over tensors and in its batched forms.
+step whatever its batch: AdamW and diffusers' EMAModel, each as a loop over tensors and in its batched forms. A
+third times loading a batch of the demo's digits (the bundled MNIST at 16 px): read and resized per image
+(`TrainImages`, what any dataset of files gets) against resized once, up front (`PreparedTrainImages`, what
+the pixel trainers use for square arrays such as the bundled MNIST).
 Every repeat runs all the variants once in turn, so each sees the same machine load; the tables give the
 median over repeats, the range, and the ratio to the first row of its group, measured in the same run. The
 machine and the thread count are named above each table.
@@ -163,6 +166,42 @@ def measure_updates(shapes, repeats: int, warmup: int) -> list:
     return rows
 
 
+LOADERS = ["per image (TrainImages)", "resized once (PreparedTrainImages)"]
+
+
+def measure_loading(batch_sizes, repeats: int, warmup: int, quick: bool) -> tuple[list, dict]:
+    """Milliseconds per batch of the demo's digits from each of LOADERS, and the one-off cost of the second."""
+    from immiscible_pipeline.training.image_data import (ImageTransform, PreparedTrainImages, TrainImages, load_mnist,
+                                                         train_dataloader)
+
+    digits = load_mnist("test").select(range(2000)) if quick else load_mnist("train")
+    transform = ImageTransform(MNIST_DEMO_UNET["sample_size"], channels=1)  # the demo's: 28 px resized to 16 px
+    start = time.perf_counter()
+    prepared = PreparedTrainImages(digits, "image", transform)
+    preparation = {"images": len(digits), "seconds": time.perf_counter() - start}
+    rows = []
+    for batch_size in batch_sizes:
+        batches = [iter(train_dataloader(images, batch_size))
+                   for images in (TrainImages(digits, "image", transform), prepared)]
+        times = interleaved_ms([lambda batch=batch: next(batch) for batch in batches], repeats, warmup)
+        baseline = statistics.median(times[0])
+        rows.extend({"loader": name, "batch": batch_size, **spread(samples),
+                     "ratio_to_first": statistics.median(samples) / baseline}
+                    for name, samples in zip(LOADERS, times))
+    return rows, preparation
+
+
+def format_loading(rows: list, preparation: dict, machine: str, repeats: int) -> str:
+    lines = [f"Loading a batch of the bundled MNIST at 16 px (the demo's data), ms; median of {repeats} interleaved "
+             f"repeats on {machine}", "", "| loader | batch | ms per batch | range | vs per image |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['loader']} | {row['batch']} | {row['ms_median']:.2f} | {row['ms_min']:.2f}-"
+                     f"{row['ms_max']:.2f} | {row['ratio_to_first']:.2f}x |")
+    lines += ["", f"Resizing the {preparation['images']:,} digits once took {preparation['seconds']:.1f} s."]
+    return "\n".join(lines)
+
+
 def format_updates(rows: list, machine: str, repeats: int) -> str:
     lines = [f"Parameter updates alone, ms per step; median of {repeats} interleaved repeats on {machine}", "",
              "| UNet | update | ms | range | vs the loop over tensors |", "|---|---|---|---|---|"]
@@ -188,10 +227,13 @@ def main(argv=None) -> dict:
     shapes = SHAPES[1:3] if args.quick else SHAPES
     rows = measure(shapes, args.batch_sizes, args.repeats, args.warmup)
     updates = measure_updates(shapes[-1:] if args.quick else [SHAPES[0], SHAPES[2]], args.repeats, args.warmup)
+    loading, preparation = measure_loading(args.batch_sizes, args.repeats, args.warmup, args.quick)
     machine = machine_name()
-    table = format_table(rows, machine, args.repeats) + "\n\n" + format_updates(updates, machine, args.repeats)
+    table = "\n\n".join([format_table(rows, machine, args.repeats), format_updates(updates, machine, args.repeats),
+                          format_loading(loading, preparation, machine, args.repeats)])
     print(table)
-    report = {"machine": machine, "repeats": args.repeats, "rows": rows, "updates": updates}
+    report = {"machine": machine, "repeats": args.repeats, "rows": rows, "updates": updates, "loading": loading,
+              "preparation": preparation}
     if args.output:
         Path(args.output).with_suffix(".md").write_text(table + "\n")
         Path(args.output).with_suffix(".json").write_text(json.dumps(report, indent=2))

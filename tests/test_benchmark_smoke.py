@@ -64,6 +64,12 @@ def test_unet_step_cost_times_each_shape_side_by_side_and_writes_md_and_json(tmp
     updates = report["updates"]
     assert [row["update"] for row in updates] == [name for name, _ in bench.UPDATES]
     assert {row["shape"] for row in updates} == {names[-1]}
+    loading = report["loading"]
+    assert [row["loader"] for row in loading] == bench.LOADERS and report["preparation"]["images"] == 2000
+    assert "Loading a batch of the bundled MNIST at 16 px" in out and "Resizing the 2,000 digits once took" in out
+    for row in loading:
+        assert 0 < row["ms_min"] <= row["ms_median"] <= row["ms_max"]
+        assert f"| {row['loader']} | 4 | {row['ms_median']:.2f} |" in out
     assert [row["ratio_to_first"] for row in updates if "a loop over tensors" in row["update"]] == [1.0, 1.0]
     assert all(f"| {row['update']} | {row['ms_median']:.2f} |" in out for row in updates)
     assert (tmp_path / "cost.md").read_text().strip() == out.strip()

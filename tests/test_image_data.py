@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import immiscible_pipeline.training.image_data as image_data
 from immiscible_pipeline.training.image_data import (EpochShuffle, ImageTransform, PreparedTrainImages, TrainImages,
                                                      check_column, load_image_dataset, load_mnist, mnist_arrays,
                                                      to_pil, train_dataloader, train_images_for)
@@ -190,7 +191,7 @@ def test_prepared_images_give_the_streaming_tensors_flips_included(center_crop):
     assert batch["pixel_values"].shape == (8, 1, 16, 16) and batch["label"].shape == (8,)
 
 
-def test_train_images_for_picks_memory_for_square_arrays_only(tiny_imagefolder, tmp_path):
+def test_train_images_for_picks_memory_for_square_arrays_only(tiny_imagefolder, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     colour = _array_dataset(rng.integers(0, 256, (6, 12, 12, 3), dtype=np.uint8), list(range(6)))
     transform = ImageTransform(8, channels=3, random_flip=True)
@@ -205,3 +206,5 @@ def test_train_images_for_picks_memory_for_square_arrays_only(tiny_imagefolder, 
         PreparedTrainImages(wide, "image", transform)
     folder = load_image_dataset(train_data_dir=str(tiny_imagefolder), cache_dir=str(tmp_path))
     assert type(train_images_for(folder, "image", transform)) is TrainImages  # files: decoded per step
+    monkeypatch.setattr(image_data, "PREPARED_BYTES_LIMIT", 6 * 8 * 8 * 3 - 1)  # one byte short of `colour`
+    assert type(train_images_for(colour, "image", transform)) is TrainImages

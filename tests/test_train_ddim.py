@@ -284,10 +284,27 @@ def test_diffusers_train_unconditional_test_commands_run_unchanged(trainer, tmp_
 
 # --- flags and errors ------------------------------------------------------------------------------------
 
+def test_the_demo_batches_its_digits_from_memory(trainer):
+    """The bundled MNIST's square digits are resized once (PreparedTrainImages), not at every step."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from immiscible_pipeline.training.image_data import PreparedTrainImages
+    from immiscible_pipeline.training.pixel_trainers import pixel_training_data
+
+    args = trainer.parse_args(["--train_batch_size", "4", "--resolution", "16"])  # main() takes it from the UNet
+    single_process = SimpleNamespace(is_main_process=True, main_process_first=nullcontext)
+    _, images, loader, _, names = pixel_training_data(args, single_process, channels=1, label_column="label")
+    assert type(images) is PreparedTrainImages and len(images) == 50_000 and names == [str(d) for d in range(10)]
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (4, 1, 16, 16) and batch["label"].shape == (4,)
+    assert -1 <= batch["pixel_values"].min() < batch["pixel_values"].max() <= 1
+
+
 def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
     assert demo.bundled_demo and demo.use_ema
-    assert (demo.max_train_steps, demo.train_batch_size, demo.learning_rate) == (4400, 16, 1e-3)
+    assert (demo.max_train_steps, demo.train_batch_size, demo.learning_rate) == (5200, 16, 1e-3)
     assert (demo.prediction_type, demo.ddpm_beta_schedule, demo.snr_gamma) == ("sample", "squaredcos_cap_v2", 0.5)
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
     assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)

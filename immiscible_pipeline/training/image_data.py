@@ -3,6 +3,7 @@
     dataset = load_image_dataset(train_data_dir="photos/")   # or dataset_name="cifar10"; neither: bundled MNIST
     check_column(dataset, "image", "--image_column")
     train_images = TrainImages(dataset, "image", ImageTransform(32, channels=3, random_flip=True), seed=0)
+    # or train_images_for(...): the same, resized once and held in memory if the images are square arrays
     loader = train_dataloader(train_images, batch_size=128)
     for epoch in ...:
         train_images.start_epoch(epoch)       # a new shuffle and new augmentations, both fixed by (seed, epoch)
@@ -302,6 +303,7 @@ class TrainImages(torch.utils.data.Dataset):
 
 
 ARRAY_FEATURES = ("Array2D", "Array3D")  # datasets' fixed-shape arrays (the bundled MNIST is Array2D)
+PREPARED_BYTES_LIMIT = 2**30  # larger datasets stay on disk and are resized per step
 
 
 class PreparedTrainImages(TrainImages):
@@ -353,9 +355,11 @@ class PreparedTrainImages(TrainImages):
 
 def train_images_for(dataset, image_column: str, transform: ImageTransform, seed: int = 0,
                      keep_columns: Sequence[str] = ()) -> TrainImages:
-    """`PreparedTrainImages` where they suit the dataset (square arrays, as the bundled MNIST), else
-    `TrainImages`: the same tensors either way."""
-    images = PreparedTrainImages if PreparedTrainImages.suits(dataset, image_column) else TrainImages
+    """`PreparedTrainImages` where they suit the dataset (square arrays, as the bundled MNIST) and fit in
+    PREPARED_BYTES_LIMIT once resized, else `TrainImages`: the same tensors either way."""
+    prepared_bytes = len(dataset) * transform.resolution ** 2 * transform.channels
+    suits = prepared_bytes <= PREPARED_BYTES_LIMIT and PreparedTrainImages.suits(dataset, image_column)
+    images = PreparedTrainImages if suits else TrainImages
     return images(dataset, image_column, transform, seed, keep_columns)
 
 
