@@ -1,4 +1,5 @@
-"""immiscible_pipeline.training.image_data: sources, column checks, transforms, seeded augmentation and shuffling."""
+"""immiscible_pipeline.training.image_data: sources, column checks, transforms, seeded augmentation and shuffling,
+and the in-memory path for square array images (the bundled MNIST)."""
 
 import io
 
