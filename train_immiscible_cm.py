@@ -88,7 +88,8 @@ def parse_args(input_args=None):
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="immiscible-cm")
-    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
+    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run (without it, one is drawn "
+                       "and recorded in training_config.json). Process p draws its noise from seed + p.")
     train.add_argument("--train_batch_size", type=int, default=None,
                        help=f"Batch size per process. Default: {DEMO_DEFAULTS['train_batch_size']} for the MNIST demo, "
                             f"{DATASET_DEFAULTS['train_batch_size']} for a dataset.")
@@ -192,8 +193,7 @@ def main(args):
                 f"{recipe.num_levels(max_train_steps - 1, max_train_steps)}; noise assignment: {immiscible!r}, "
                 f"scope {args.assignment_scope}{', within each class' if args.class_conditional else ''}")
 
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # from here on, different noise and levels on each process
+    set_seed(args.seed, device_specific=True)  # from here on, different noise and levels on each process
     # With --resume_from_checkpoint: weights, EMA, optimizer, scheduler and every process's RNG come back.
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)
 

@@ -133,7 +133,8 @@ def parse_args(input_args=None):
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="immiscible-sd")
-    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
+    train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run (without it, one is drawn "
+                       "and recorded in training_config.json). Process p draws its noise from seed + p.")
     train.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
     train.add_argument("--num_train_epochs", type=int, default=100)
     train.add_argument("--max_train_steps", type=int, default=None,
@@ -315,8 +316,7 @@ def main(args):
                 f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
 
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
+    set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)  # or a new run
     inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision,
                                                    noise_scheduler.config.prediction_type)

@@ -10,23 +10,29 @@ frozen weights, tracker settings, and a clean end with several processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import secrets
 import time
+from pathlib import Path
 
 import torch
 
-from .checkpoints import claim_output_dir, updates_per_epoch
+from .checkpoints import claim_output_dir, find_checkpoint, updates_per_epoch
 from .hub_publishing import create_hub_repo
 
 logger = logging.getLogger(__name__)
 
 
 def setup_accelerator(args):
-    """The Accelerator (accumulation, precision, tracker, logging folder), the same initial seed on every
-    process, the output folder and, with --push_to_hub, the Hub repo (created first so a bad token fails
-    early). Returns (accelerator, repo_id or None)."""
+    """The Accelerator (accumulation, precision, tracker, logging folder), the run's seed (`args.seed`: --seed, or
+    one drawn and recorded, see `run_seed`) set on every process, the output folder and, with --push_to_hub, the
+    Hub repo (created first so a bad token fails early). Returns (accelerator, repo_id or None).
+
+    The trainers later call `set_seed(args.seed, device_specific=True)`: process p then draws its noise and
+    timesteps from seed + p, distinct on every process."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -42,8 +48,10 @@ def setup_accelerator(args):
                                accelerator.num_processes)
     if advice and accelerator.is_main_process:
         logger.warning(advice)
-    if args.seed is not None:
-        set_seed(args.seed)  # the same initial weights on every process
+    args.seed = run_seed(args.seed, args.resume_from_checkpoint, args.output_dir, accelerator)
+    set_seed(args.seed)  # the same initial weights on every process
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, folder: record_seed(args.seed, folder, accelerator.is_main_process))
     # every process checks (so that all stop alike), the main one deletes
     claim_output_dir(args.output_dir, args.resume_from_checkpoint is not None, args.overwrite_output_dir,
                      delete=accelerator.is_main_process)
@@ -53,6 +61,44 @@ def setup_accelerator(args):
         if args.push_to_hub:
             repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     return accelerator, repo_id
+
+
+SEED_FILE = "run_seed.json"  # in every checkpoint: the seed a resumed run continues with
+
+
+def run_seed(seed: int | None, resume_from_checkpoint: str | None, output_dir, accelerator) -> int:
+    """The run's seed: `seed` (--seed) if given; when resuming without it, the seed the checkpoint records (0 for a
+    checkpoint from before seeds were recorded: the data seed such runs used); otherwise one drawn on the main
+    process and sent to the others, logged and then recorded with the run's settings (training_config.json, the
+    tracker's config), so that `--seed <it>` repeats the run.
+
+    Without a seed every process would start from its default generator state, which on CUDA is the same on
+    every process: all ranks would draw the same noise (the same noise W times in a global assignment)."""
+    if seed is not None:
+        return int(seed)
+    checkpoint = find_checkpoint(resume_from_checkpoint, output_dir)  # on every process: a bad name fails on all
+    if checkpoint is not None:
+        record = Path(checkpoint) / SEED_FILE
+        seed = json.loads(record.read_text())["seed"] if record.is_file() else 0
+        logger.info("Resuming without --seed: continuing with the seed of %s, %d", checkpoint, seed)
+        return int(seed)
+    drawn = [secrets.randbelow(2**31) if accelerator.is_main_process else None]  # + process index stays < 2**32
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(drawn, from_process=0)
+    if accelerator.is_main_process:
+        logger.info("No --seed given: this run's seed is %d (recorded in its config; --seed %d repeats the run)",
+                    drawn[0], drawn[0])
+    return int(drawn[0])
+
+
+def record_seed(seed: int, checkpoint_folder, is_main_process: bool) -> None:
+    """Writes the run's seed into a checkpoint being saved (an `accelerator.save_state` pre-hook), so that
+    --resume_from_checkpoint continues with it even without --seed."""
+    if is_main_process:
+        Path(checkpoint_folder).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_folder) / SEED_FILE).write_text(json.dumps({"seed": seed}) + "\n")
 
 
 def cpu_thread_advice(device_type: str, threads: int, cores: int, processes: int) -> str | None:
