@@ -9,6 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 import immiscible_pipeline.noise.linear_assignment as linear_assignment
 from immiscible_pipeline import ImmiscibleNoise, assignment_permutation, pairwise_l2, solve_assignment
+from immiscible_pipeline.training.image_data import mnist_arrays
 
 
 def total_distance(x0, noise):
@@ -32,21 +33,63 @@ def test_linear_is_optimal_against_brute_force(batch):
     assert total_distance(x0, assigned) == pytest.approx(best, rel=1e-6)
 
 
-@pytest.mark.parametrize("solver", ["lap", "scipy"])
+EXACT_SOLVERS = [name for name in linear_assignment.SOLVERS if name != "auto"]  # every solver offered
+
+
+def mnist_against_noise(batch, side, seed):
+    """The cost the trainers solve: L2 between real digits (resized to side x side, in [-1, 1]) and N(0, I) noise."""
+    images, _ = mnist_arrays("test")
+    pick = np.random.default_rng(seed).choice(len(images), batch, replace=False)
+    x0 = torch.nn.functional.interpolate(torch.from_numpy(images[pick]).float()[:, None] / 127.5 - 1, size=(side, side),
+                                         mode="bilinear", align_corners=False).reshape(batch, -1)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.cdist(x0.double(), noise).numpy()
+
+
+def assert_exact(cost, cols):
+    assert sorted(cols.tolist()) == list(range(len(cost))), "not a permutation"
+    rows, ref_cols = linear_sum_assignment(cost)
+    assert cost[np.arange(len(cost)), cols].sum() == pytest.approx(cost[rows, ref_cols].sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
 @pytest.mark.parametrize("batch", [8, 64, 256])
 def test_solver_matches_scipy_on_explicit_costs(solver, batch):
     rng = np.random.default_rng(batch)
-    cost = rng.random((batch, batch)) * 10
-    cols = solve_assignment(cost, solver)
-    assert sorted(cols.tolist()) == list(range(batch))
-    rows, ref_cols = linear_sum_assignment(cost)
-    assert cost[np.arange(batch), cols].sum() == pytest.approx(cost[rows, ref_cols].sum(), rel=1e-12)
+    assert_exact(cost := rng.random((batch, batch)) * 10, solve_assignment(cost, solver))
 
 
-def test_solvers_return_a_permutation_on_degenerate_costs():  # every pairing is optimal: no ties may break them
-    cost = np.ones((16, 16))
-    for solver in ("lap", "scipy"):
-        assert sorted(solve_assignment(cost, solver).tolist()) == list(range(16))
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
+@pytest.mark.parametrize("batch, side", [(256, 16), (96, 32)])
+def test_solver_reaches_the_optimum_on_digits_against_noise(solver, batch, side):
+    cost = mnist_against_noise(batch, side, seed=batch)
+    assert_exact(cost, solve_assignment(cost, solver))
+
+
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
+def test_solver_is_optimal_against_brute_force_and_with_ties(solver):
+    rng = np.random.default_rng(0)
+    for batch in (2, 3, 6):
+        cost = rng.random((batch, batch))
+        best = min(cost[np.arange(batch), list(p)].sum() for p in itertools.permutations(range(batch)))
+        assert cost[np.arange(batch), solve_assignment(cost, solver)].sum() == pytest.approx(best, rel=1e-12)
+    assert_exact(cost := rng.integers(0, 4, (64, 64)).astype(float), solve_assignment(cost, solver))  # many ties
+
+
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
+def test_solvers_return_a_permutation_on_degenerate_costs(solver):  # every pairing is optimal: no ties may break them
+    assert sorted(solve_assignment(np.ones((16, 16)), solver).tolist()) == list(range(16))
+
+
+def test_auto_solver_takes_the_fastest_installed_and_a_missing_one_is_named(monkeypatch):
+    assert linear_assignment.resolve_solver("auto") == linear_assignment.installed_solvers()[0]
+    present = {"lapcpp": False, "lap": True, "scipy": True}
+    monkeypatch.setattr(linear_assignment, "_solver_module", lambda name: object() if present[name] else None)
+    assert linear_assignment.resolve_solver("auto") == "lap"
+    present["lap"] = False
+    assert linear_assignment.resolve_solver("auto") == "scipy"
+    with pytest.raises(ImportError, match="pip install lapcpp"):
+        linear_assignment.resolve_solver("lapcpp")
 
 
 def test_pairwise_l2_matches_cdist():

@@ -139,7 +139,7 @@ class GlobalImmiscibleNoise:
         cost_dtype: dtype of the x.n product in the cost ("auto": bfloat16 where fast, else float32; "float32"
             exact; "bfloat16"/"float16" quantized). Each process resolves "auto" for its device; the rows are
             gathered, so every process still solves one identical matrix.
-        solver: "auto", "lap" or "scipy" (exact; all processes must use the same one).
+        solver: "auto", "lapcpp", "lap" or "scipy" (exact; all processes must use the same one).
         accelerator: an `accelerate.Accelerator` (its `gather` is the collective used).
         collective: a `Collective` instead of an accelerator (other launchers, tests).
     Groups must be integer labels (a tensor or ints), so that equal labels mean the same class on every process.

@@ -87,7 +87,8 @@ class ImmiscibleNoise:
         cost_dtype: dtype of the x.n product in the linear cost: "auto" (default: bfloat16 on GPUs and CPUs
             with fast bf16, float32 elsewhere), "float32" (exact), "bfloat16" or "float16" (the paper's
             quantized assignment); the norms stay float32, which keeps the optimum in practice.
-        solver: "auto" (lap if installed, else scipy), "lap" or "scipy"; all give the exact optimum.
+        solver: "auto" (the fastest installed: lapcpp, else lap, else scipy), "lapcpp", "lap" or "scipy"; all
+            give the exact optimum.
         knn_sampler: "fast" draws the winner exactly in law from scalars; "reference" draws all k candidates.
 
     Linear assignment only permutes the batch of noise, so the noise stays exactly N(0, I). KNN noise does
