@@ -13,20 +13,27 @@ and the mean-distance reduction of every option (1 - mean ||x0_i - noise_i|| aft
 float64; a linear option's loss is the share of the exact assignment's reduction it gives up. Data: smooth
 random images in [-1, 1] (C x H x W = D), noise N(0, I).
 
+Two more sections use real images, MNIST digits resized to D pixels (the costs the trainers solve are harder
+than random matrices: every solver takes 3-5x longer on them):
+  scaling  the global batches of several processes, B = 256 ... 4096 at D = 4096 and 16384: our route (the
+           trainers' defaults: cost dtype and solver "auto") with its cost / solve split, against float16
+           `torch.cdist` + scipy and the official broadcast (where it fits in --max_memory_gb)
+  solvers  every exact solver offered (`solver=` of ImmiscibleNoise) on the same digit costs, and on a uniform
+           random matrix (the published comparisons' input), all checked to reach the same optimum
+
 The official broadcasts need B*B*D*2 (linear) and B*k*D*8 (knn) bytes; above --max_memory_gb they are not run
 and the table says "OOM (needs X GiB)". Timing: one warm-up call per option (counted when it takes > 2 s), then
 `--repeats` rounds that call every option once in turn, so that load from other programs on a shared machine
 hits all options alike; the tables give medians and the 1-minute load average before/after each size. The
 "targets" block states each target of the issue, the figure measured and PASS/FAIL.
 
-    python benchmarks/assignment_speed.py --quick            # ~1 minute: B in {256, 1024}, D = 4096
+    python benchmarks/assignment_speed.py --quick            # ~2 minutes: B in {256, 1024}, D = 4096
     python benchmarks/assignment_speed.py --output results/assignment_speed   # the full grid, + .md and .json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -45,13 +52,18 @@ from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
-from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2  # noqa: E402
-from immiscible_pipeline.noise.linear_assignment import COST_DTYPES, resolve_cost_dtype  # noqa: E402
+from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2, solve_assignment  # noqa: E402
+from immiscible_pipeline.noise.linear_assignment import (COST_DTYPES, installed_solvers, resolve_cost_dtype,  # noqa: E402
+                                                         resolve_solver)
+from immiscible_pipeline.training.image_data import mnist_arrays  # noqa: E402
 
 FULL_BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
 FULL_DIMS = (3072, 4096, 16384)
 QUICK_BATCH_SIZES = (256, 1024)
 QUICK_DIMS = (4096,)
+SCALING_BATCH_SIZES = (256, 1024, 2048, 4096)
+SCALING_DIMS = (4096, 16384)
+SECTIONS = ("grid", "scaling", "solvers")
 KS = (8, 64)
 LOW_PRECISION = ("bfloat16", "float16")
 GIB = 2**30
@@ -63,6 +75,8 @@ LINEAR_TARGET = dict(batch=1024, dim=4096, speedup=5.0, total_ms=80.0)
 LOSS_TARGET = 0.01
 KNN_TARGET = dict(batch=256, dim=4096, k=64, speedup=10.0, randn_ratio=3.0)
 GEMM_TARGET = dict(batch=1024, dim=4096, fraction=0.5)
+# Issue 25, on a CPU with bf16 units (elsewhere `auto` is float32 and the rows are reported for information).
+SCALING_TARGET = dict(batch=1024, dim=4096, total_ms=35.0, speedup=2.5, low_precision_fraction=0.7, report_batch=4096)
 
 
 def parse_args(argv=None):
@@ -72,6 +86,14 @@ def parse_args(argv=None):
                         help=f"B in {QUICK_BATCH_SIZES}, D in {QUICK_DIMS} (the target sizes; about a minute)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=None, help=f"default {FULL_BATCH_SIZES}")
     parser.add_argument("--dims", type=int, nargs="+", default=None, help=f"default {FULL_DIMS}")
+    parser.add_argument("--scaling_batch_sizes", type=int, nargs="+", default=None,
+                        help=f"batch sizes of the scaling and solver tables (default {SCALING_BATCH_SIZES}; "
+                             f"--quick: {QUICK_BATCH_SIZES})")
+    parser.add_argument("--scaling_dims", type=int, nargs="+", default=None,
+                        help=f"sample sizes of the scaling table (default {SCALING_DIMS}; --quick: {QUICK_DIMS}); "
+                             "the solver table uses the first")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to measure (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median reported)")
     parser.add_argument("--max_memory_gb", type=float, default=10.0,
                         help="skip an official broadcast whose tensors would exceed this many GiB (reported as OOM)")
@@ -95,7 +117,10 @@ def parse_args(argv=None):
     default_b, default_d = (QUICK_BATCH_SIZES, QUICK_DIMS) if args.quick else (FULL_BATCH_SIZES, FULL_DIMS)
     args.batch_sizes = sorted(set(args.batch_sizes or default_b))
     args.dims = sorted(set(args.dims or default_d))
-    if min(args.batch_sizes) < 2 or min(args.dims) < 2:
+    default_b, default_d = (QUICK_BATCH_SIZES, QUICK_DIMS) if args.quick else (SCALING_BATCH_SIZES, SCALING_DIMS)
+    args.scaling_batch_sizes = sorted(set(args.scaling_batch_sizes or default_b))
+    args.scaling_dims = sorted(set(args.scaling_dims or default_d))
+    if min(args.batch_sizes + args.scaling_batch_sizes) < 2 or min(args.dims + args.scaling_dims) < 2:
         parser.error("batch sizes and dims must be >= 2")
     return args
 
@@ -122,6 +147,18 @@ def image_like(batch: int, dim: int, generator: torch.Generator) -> torch.Tensor
     return torch.tanh(coarse + 0.4 * texture + 0.05 * grain).reshape(batch, dim)
 
 
+def digits(batch: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Real images: MNIST digits in [-1, 1] resized to side x side (dim = side^2), else to the C x H x W of
+    `image_shape` with the grey image in every channel; flattened to [batch, dim]."""
+    side = math.isqrt(dim)
+    c, h, w = (1, side, side) if side * side == dim else image_shape(dim)
+    images = mnist_arrays("train")[0]
+    pick = torch.randperm(len(images), generator=generator)[:batch].numpy()
+    x0 = torch.from_numpy(images[np.sort(pick)]).float()[:, None] / 127.5 - 1.0
+    x0 = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False).clamp_(-1.0, 1.0)
+    return x0.expand(-1, c, -1, -1).reshape(batch, dim).contiguous()
+
+
 # ----------------------------------------------------------------------------------------------- recipes
 
 
@@ -131,6 +168,12 @@ def official_linear(x0: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
     b = 0.1 * noise.to(torch.float16).unsqueeze(0)
     distance = torch.linalg.vector_norm(a - b, dim=2)
     return linear_sum_assignment(distance.cpu().numpy())[1]
+
+
+def fp16_cdist(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The usual shortcut: float16 `torch.cdist` (solved by scipy in the scaling table). Its matmul path, which
+    cdist takes by itself above 25 rows (the direct one has no float16 kernel on the CPU)."""
+    return torch.cdist(x0.to(torch.float16), noise.to(torch.float16), compute_mode="use_mm_for_euclid_dist")
 
 
 def official_knn(x0: torch.Tensor, k: int, generator: torch.Generator):
@@ -307,6 +350,62 @@ def bench_config(batch: int, dim: int, args, step) -> dict:
     return row
 
 
+def pair_reduction(x0: torch.Tensor, noise: torch.Tensor, perm) -> float:
+    """1 - mean ||x0_i - noise_perm[i]|| / mean ||x0_i - noise_i||, in float64 from the B pairs only."""
+    x, n = x0.double(), noise.double()
+    after = (x - n[torch.as_tensor(np.asarray(perm))]).norm(dim=1).mean().item()
+    return 1.0 - after / (x - n).norm(dim=1).mean().item()
+
+
+def bench_scaling(batch: int, dim: int, args, step) -> dict:
+    """One row of the scaling table: real digits, our route (the trainers' defaults) against float16 cdist +
+    scipy and the official broadcast, each with its parts timed on their own (same inputs, interleaved)."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch * 7919 + dim + 1)
+    x0 = digits(batch, dim, gen)
+    noise = torch.randn(batch, dim, generator=gen)
+    ours = ImmiscibleNoise("linear")  # cost_dtype and solver "auto", as the trainers use it
+    cost = pairwise_l2(x0, noise, "auto")
+    half = fp16_cdist(x0, noise).float().numpy()
+    calls = {"ours": lambda: ours.assign(x0, noise), "ours cost": lambda: pairwise_l2(x0, noise, "auto"),
+             "ours solve": lambda: solve_assignment(cost, "auto"), "fp16 cdist": lambda: fp16_cdist(x0, noise),
+             "fp16 scipy": lambda: linear_sum_assignment(half)[1]}
+    need = official_linear_bytes(batch, dim)
+    if need <= args.max_memory_gb * GIB:
+        calls["official"] = lambda: official_linear(x0, noise)
+    row = {"batch": batch, "dim": dim, "load_average": [load_average()]}
+    times, last = run_rounds(calls, args.repeats, step)
+    row["load_average"].append(load_average())
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    perm = recover_permutation(last["ours"], noise)
+    row["ours"] = dict(ms=ms["ours"], cost_ms=ms["ours cost"], solve_ms=ms["ours solve"], times=times["ours"],
+                       reduction=pair_reduction(x0, noise, perm))
+    row["fp16_cdist_scipy"] = dict(ms=ms["fp16 cdist"] + ms["fp16 scipy"], cost_ms=ms["fp16 cdist"],
+                                   solve_ms=ms["fp16 scipy"], reduction=pair_reduction(x0, noise, last["fp16 scipy"]))
+    if "official" in calls:
+        row["official"] = dict(ms=ms["official"], times=times["official"], needs_gib=need / GIB,
+                               reduction=pair_reduction(x0, noise, last["official"]))
+    else:
+        row["official"] = dict(oom=True, needs_gib=need / GIB)
+    return row
+
+
+def bench_solvers(batch: int, dim: int, kind: str, args, step) -> dict:
+    """Every installed exact solver on one cost matrix: float64 L2 between real digits and noise ("digits"), or
+    a uniform random matrix ("uniform"). Each one's total cost is checked against scipy's."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch * 7919 + dim + 2)
+    if kind == "digits":
+        cost = exact_distances(digits(batch, dim, gen), torch.randn(batch, dim, generator=gen)).numpy()
+    else:
+        cost = torch.rand(batch, batch, generator=gen, dtype=torch.float64).numpy()
+    calls = {name: lambda name=name: solve_assignment(cost, name) for name in installed_solvers()}
+    times, last = run_rounds(calls, args.repeats, step)
+    rows = np.arange(batch)
+    best = cost[rows, last["scipy"]].sum()
+    return {"batch": batch, "dim": dim if kind == "digits" else None, "kind": kind,
+            "solvers": {name: dict(ms=statistics.median(times[name]), times=times[name],
+                                   gap=float(cost[rows, last[name]].sum() / best - 1.0)) for name in calls}}
+
+
 # ----------------------------------------------------------------------------------------------- reporting
 
 
@@ -402,17 +501,51 @@ def report_tables(results: list[dict], low: list[str]) -> str:
     return "\n\n".join(out)
 
 
+def report_scaling(rows: list[dict], auto_dtype: str, solver: str) -> str:
+    header = ["B", "D", f"ours ({auto_dtype} cost + {solver}): total", "ours: cost + solve",
+              "fp16 cdist + scipy: total (cost + solve)", "ours faster by", "official fp16 broadcast + scipy",
+              "reduction: ours / fp16 cdist / official", "load avg"]
+    lines = []
+    for r in rows:
+        ours, half, official = r["ours"], r["fp16_cdist_scipy"], r["official"]
+        official_red = "-" if official.get("oom") else fmt_pct(official["reduction"])
+        lines.append([str(r["batch"]), str(r["dim"]), fmt_ms(ours), f"{ours['cost_ms']:.1f} + {ours['solve_ms']:.1f}",
+                      f"{fmt_ms(half)} ({half['cost_ms']:.1f} + {half['solve_ms']:.1f})", f"{half['ms'] / ours['ms']:.1f}x",
+                      fmt_ms(official), f"{fmt_pct(ours['reduction'])} / {fmt_pct(half['reduction'])} / {official_red}",
+                      fmt_load(r["load_average"])])
+    return ("Scaling: linear assignment of real digits (MNIST resized to D pixels), ms per call (median; the two routes' "
+            "parts are timed on their own, the fp16 route's total is their sum)\n\n" + table(header, lines))
+
+
+def report_solvers(rows: list[dict]) -> str:
+    names = list(rows[0]["solvers"]) if rows else []
+    header = ["cost", "B"] + [f"{name} ms" for name in names] + ["same optimum as scipy"]
+    lines = []
+    for r in rows:
+        kind = f"digits vs noise, D={r['dim']}" if r["kind"] == "digits" else "uniform random [0, 1)"
+        gaps = [entry["gap"] for entry in r["solvers"].values()]
+        lines.append([kind, str(r["batch"])] + [fmt_ms(r["solvers"][name]) for name in names]
+                     + ["yes" if max(abs(g) for g in gaps) <= EXACT_RTOL else f"NO (gap up to {max(map(abs, gaps)):.1e})"])
+    return ("Exact solvers on the same cost matrix, ms per call (median; `solver=\"auto\"` takes the first column "
+            "installed)\n\n" + table(header, lines))
+
+
 def find(results, batch, dim):
     return next((r for r in results if r["batch"] == batch and r["dim"] == dim), None)
 
 
-def evaluate_targets(results: list[dict], low: list[str]) -> list[dict]:
-    """Each target of the issue: what was measured and PASS / FAIL (or NOT MEASURED at these sizes)."""
+def evaluate_targets(results: list[dict], low: list[str], scaling: list[dict] | None = None,
+                     auto_dtype: str = "float32") -> list[dict]:
+    """Each target of the issues: what was measured and PASS / FAIL (or NOT MEASURED at these sizes)."""
     targets = []
 
     def add(name, measured, passed):
-        status = "NOT MEASURED" if passed is None else ("PASS" if passed else "FAIL")
+        status = passed if passed == "info" else "NOT MEASURED" if passed is None else ("PASS" if passed else "FAIL")
         targets.append(dict(target=name, measured=measured, status=status))
+
+    add_scaling_targets(add, results, scaling or [], auto_dtype)
+    if not results:
+        return targets
 
     b, d = LINEAR_TARGET["batch"], LINEAR_TARGET["dim"]
     r = find(results, b, d)
@@ -486,6 +619,43 @@ def evaluate_targets(results: list[dict], low: list[str]) -> list[dict]:
     return targets
 
 
+def add_scaling_targets(add, results: list[dict], scaling: list[dict], auto_dtype: str) -> None:
+    """Issue 25's rows: our route at B=1024, D=4096 on real digits (total, and against fp16 cdist + scipy), the
+    low-precision distance matrix against a plain GEMM, and B=4096 as measured. Their targets are for CPUs with
+    bf16 units: where `auto` is float32 the same rows are reported as info."""
+    t = SCALING_TARGET
+    low = auto_dtype != "float32"
+    where = f"ours (auto: {auto_dtype} cost), digits B={t['batch']}, D={t['dim']}"
+    judge = (lambda ok: ok) if low else (lambda ok: "info")
+    r = find(scaling, t["batch"], t["dim"])
+    names = (f"{where}: under {t['total_ms']:.0f} ms in total",
+             f"{where}: >= {t['speedup']}x faster than fp16 cdist + scipy (same run)")
+    if r is None:
+        for name in names:
+            add(name, "size not in this run", None)
+    else:
+        ours, half = r["ours"], r["fp16_cdist_scipy"]
+        add(names[0], f"{ours['ms']:.1f} ms ({ours['cost_ms']:.1f} cost + {ours['solve_ms']:.1f} solve)",
+            judge(ours["ms"] < t["total_ms"]))
+        speed = half["ms"] / ours["ms"]
+        add(names[1], f"{speed:.1f}x ({half['ms']:.0f} ms vs {ours['ms']:.1f} ms)", judge(speed >= t["speedup"]))
+    name = (f"distance matrix {auto_dtype} (auto), B={t['batch']}, D={t['dim']}: >= "
+            f"{100 * t['low_precision_fraction']:.0f}% of plain matmul speed")
+    r = find(results, t["batch"], t["dim"])
+    if r is None or auto_dtype not in r["gemm"]:
+        add(name, "size not in this run", None)
+    else:
+        g = r["gemm"][auto_dtype]
+        add(name, f"{100 * g['fraction']:.0f}% ({g['distance_ms']:.1f} ms vs {g['matmul_ms']:.1f} ms)",
+            judge(g["fraction"] >= t["low_precision_fraction"]))
+    for r in scaling:
+        if r["batch"] == t["report_batch"]:
+            ours, half = r["ours"], r["fp16_cdist_scipy"]
+            add(f"(info) ours, digits B={r['batch']}, D={r['dim']}",
+                f"{fmt_ms(ours)} ms ({ours['cost_ms']:.0f} cost + {ours['solve_ms']:.0f} solve); fp16 cdist + scipy "
+                f"{fmt_ms(half)} ms", None)
+
+
 def report_targets(targets: list[dict]) -> str:
     return table(["target", "measured", "result"], [[t["target"], t["measured"], t["status"]] for t in targets])
 
@@ -523,7 +693,7 @@ def machine() -> dict:
     model, _, flags = cpu_model_and_flags()
     low = sorted(f for f in flags if f in {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_tile"})
     return dict(cpu=model, threads=torch.get_num_threads(), torch=torch.__version__,
-                solver="lap (Jonker-Volgenant)" if importlib.util.find_spec("lap") else "scipy",
+                solver=f"{resolve_solver('auto')} (installed: {', '.join(installed_solvers())})",
                 low_precision_units=", ".join(low) if low else "none (no avx512_bf16 / avx512_fp16 / amx flags)",
                 auto_cost_dtype=resolve_cost_dtype("auto", "cpu"))
 
@@ -537,28 +707,43 @@ def main(argv=None) -> dict:
                         *map(shlex.quote, sys.argv[1:] if argv is None else list(argv))])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    configs = [(b, d) for d in args.dims for b in args.batch_sizes]
-    steps_per_config = 2 + args.repeats  # exact reference, warm-up, rounds
-    progress = Progress(len(configs) * steps_per_config, disabled=args.no_progress)
-    results = []
-    for batch, dim in configs:
-        progress.describe(f"B={batch} D={dim} waiting for load < {args.max_load}")
+    grid = [(b, d) for d in args.dims for b in args.batch_sizes] if "grid" in args.sections else []
+    scaling = [(b, d) for d in args.scaling_dims for b in args.scaling_batch_sizes] if "scaling" in args.sections else []
+    solvers = ([(b, args.scaling_dims[0], kind) for kind in ("digits", "uniform") for b in args.scaling_batch_sizes]
+               if "solvers" in args.sections else [])
+    progress = Progress((len(grid) + len(scaling) + len(solvers)) * (1 + args.repeats) + len(grid),
+                        disabled=args.no_progress)
+
+    def measure(label, fn, *size):
+        progress.describe(f"{label} waiting for load < {args.max_load}")
         waited = wait_for_quiet(args.max_load, args.max_wait)
-        results.append(bench_config(batch, dim, args, lambda label, b=batch, d=dim: progress.step(f"B={b} D={d} {label}")))
-        results[-1]["waited_s"] = waited
+        row = fn(*size, args, lambda step: progress.step(f"{label} {step}"))
+        row["waited_s"] = waited
+        return row
+
+    results = [measure(f"B={b} D={d}", bench_config, b, d) for b, d in grid]
+    scaling_rows = [measure(f"scaling B={b} D={d}", bench_scaling, b, d) for b, d in scaling]
+    solver_rows = [measure(f"solvers {kind} B={b}", bench_solvers, b, d, kind) for b, d, kind in solvers]
     progress.close()
 
-    targets = evaluate_targets(results, args.low_precision)
+    targets = evaluate_targets(results, args.low_precision, scaling_rows, info["auto_cost_dtype"])
     header = (f"Command: `{command}`  \nDate: {date}  \nCPU: {info['cpu']}, {info['threads']} threads; "
               f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}; "
               f"`--assignment_cost_dtype auto` (the trainers' default) uses {info['auto_cost_dtype']} here  \n"
               f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB"
               + ("." if args.max_load is None else f"; each size started once the 1-min load average was below "
                  f"{args.max_load:g} (waited at most {args.max_wait:g} s)."))
-    text = "\n\n".join([header, report_tables(results, args.low_precision), "Targets\n\n" + report_targets(targets)])
+    parts = [header]
+    if results:
+        parts.append(report_tables(results, args.low_precision))
+    if scaling_rows:
+        parts.append(report_scaling(scaling_rows, info["auto_cost_dtype"], resolve_solver("auto")))
+    if solver_rows:
+        parts.append(report_solvers(solver_rows))
+    text = "\n\n".join(parts + ["Targets\n\n" + report_targets(targets)])
     print(text)
     report = dict(command=command, date=date, machine=info, repeats=args.repeats, max_memory_gb=args.max_memory_gb,
-                  results=results, targets=targets)
+                  results=results, scaling=scaling_rows, solvers=solver_rows, targets=targets)
     if args.output:
         prefix = Path(args.output)
         if prefix.suffix in (".md", ".json"):

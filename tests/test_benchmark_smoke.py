@@ -18,15 +18,23 @@ def load_benchmark(name="assignment_speed"):
 def test_tiny_run_prints_every_table_marks_oom_and_writes_md_and_json(tmp_path, capsys):
     bench = load_benchmark()
     # 1e-5 GiB fits the official [B, B, D] fp16 broadcast at B=8 (6 KiB) but not at B=16 (24 KiB).
-    report = bench.main(["--batch_sizes", "8", "16", "--dims", "48", "--repeats", "1", "--max_memory_gb", "1e-5",
+    report = bench.main(["--batch_sizes", "8", "16", "--dims", "48", "--scaling_batch_sizes", "8", "16",
+                         "--scaling_dims", "48", "--repeats", "1", "--max_memory_gb", "1e-5",
                          "--no_progress", "--output", str(tmp_path / "speed")])
     out = capsys.readouterr().out
 
     for title in ("Linear assignment, ms per call", "Mean pair-distance reduction", "KNN (nearest of k)",
-                  "Distance matrix against a plain", "Targets"):
+                  "Distance matrix against a plain", "Scaling: linear assignment of real digits", "Exact solvers on",
+                  "Targets"):
         assert title in out
     rows = [line for line in out.splitlines() if line.startswith("| 8 | 48 |") or line.startswith("| 16 | 48 |")]
-    assert len(rows) == 8  # two sizes in each of the four tables
+    assert len(rows) == 10  # two sizes in each of the four tables and in the scaling table
+    scaling_16 = [line for line in out.splitlines() if line.startswith("| 16 | 48 |")][-1]
+    assert "OOM (needs 2.3e-05 GiB)" in scaling_16
+    solvers = [row for row in report["solvers"] if row["kind"] == "digits"]
+    assert [row["batch"] for row in solvers] == [8, 16] and set(solvers[0]["solvers"]) == {"lapcpp", "lap", "scipy"}
+    assert all(abs(entry["gap"]) <= 1e-6 for row in report["solvers"] for entry in row["solvers"].values())
+    assert "same optimum as scipy" in out and "| digits vs noise, D=48 | 16 |" in out
     linear_16 = next(line for line in out.splitlines() if line.startswith("| 16 | 48 |"))
     assert "OOM (needs 2.3e-05 GiB)" in linear_16
     linear_8 = next(line for line in out.splitlines() if line.startswith("| 8 | 48 |"))
