@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from diffusers import ConsistencyModelPipeline, UNet2DModel
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.renoise import coupling_of_run, matched_renoise, warn_if_independent
 from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
@@ -124,6 +125,11 @@ def parse_args(input_args=None):
     evaluation = add_evaluation_arguments(parser)
     evaluation.add_argument("--eval_inference_steps", type=int, nargs="+", default=[1, 2],
                             help="Sampler steps of each evaluation (one FID per entry).")
+    evaluation.add_argument("--renoise", type=str, default="matched", choices=["matched", "independent"],
+                            help="How sample grids and evaluations re-noise between consistency steps (multistep "
+                                 "sampling): matched (default) pairs the injected noise with the clean estimates as "
+                                 "training paired noise with images (immiscible_pipeline.matched_renoise); "
+                                 "independent is stock diffusers. No effect with --immiscible none.")
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -172,6 +178,11 @@ def main(args):
     scheduler = recipe.scheduler()  # training uses its scalings, so the saved pipeline samples what was trained
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
                                   args.assignment_scope, accelerator)
+    # What sampling must keep: saved beside the pipeline, used by the grids and evaluations (--renoise)
+    coupling = coupling_of_run(args.immiscible, args.immiscible_k, args.train_batch_size, args.assignment_scope,
+                               accelerator.num_processes, per_class_groups(args, class_names))
+    if accelerator.is_main_process:
+        warn_if_independent(coupling, scheduler, args.renoise, num_inference_steps=max(GRID_STEPS))
     if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
                                            accelerator.num_processes):
         logger.warning(warning)  # linear assignment of batches of one: vanilla training
@@ -233,12 +244,12 @@ def main(args):
             if progress.after_micro_batch(loss, parameters):
                 step = progress.global_step
                 if step % args.validation_steps == 0 and not progress.finished and accelerator.is_main_process:
-                    pipeline = ConsistencyModelPipeline(unet=accelerator.unwrap_model(model), scheduler=scheduler)
+                    pipeline = sampling_pipeline(accelerator.unwrap_model(model), recipe, args, coupling)
                     with averaged_weights(parameters, ema):
                         save_samples(accelerator, args, pipeline, class_names, step,
                                      Path(args.output_dir) / "samples" / f"step-{step:06d}.png")
                 if evaluator is not None and (step % args.eval_steps == 0 or progress.finished):
-                    evaluate(accelerator, args, evaluator, model, ema, scheduler, step)
+                    evaluate(accelerator, args, evaluator, model, ema, recipe, coupling, step)
             if progress.stopping:
                 break
     progress.close()  # after Ctrl-C / SIGTERM: exits with status 130 (the checkpoint is saved, no pipeline)
@@ -251,7 +262,9 @@ def main(args):
         if ema is not None:
             ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
         pipeline = ConsistencyModelPipeline(unet=unet, scheduler=recipe.scheduler())
-        pipeline.save_pretrained(args.output_dir)
+        pipeline.save_pretrained(args.output_dir)  # the stock scheduler
+        coupling.save(args.output_dir)  # immiscible_coupling.json: how multistep sampling should re-noise
+        pipeline = sampling_pipeline(unet, recipe, args, coupling)
         save_samples(accelerator, args, pipeline, class_names, global_step, Path(args.output_dir) / "samples.png")
         summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
                    "mixed_precision": accelerator.mixed_precision, "global_step": global_step,
@@ -260,14 +273,25 @@ def main(args):
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved the ConsistencyModelPipeline and one- and two-step samples to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(args, repo_id, summary)
+            push_to_hub(args, repo_id, summary, coupling)
     end_training(accelerator)
 
 
-def evaluate(accelerator, args, evaluator, model, ema, scheduler, step):
+def per_class_groups(args, class_names):
+    """The number of classes when linear assignment runs within each class, else None."""
+    return len(class_names) if args.class_conditional and args.immiscible == "linear" else None
+
+
+def sampling_pipeline(unet, recipe, args, coupling):
+    """The stock pipeline with a scheduler of its own, re-noising between steps as --renoise says."""
+    pipeline = ConsistencyModelPipeline(unet=unet, scheduler=recipe.scheduler())
+    return matched_renoise(pipeline, coupling) if args.renoise == "matched" else pipeline
+
+
+def evaluate(accelerator, args, evaluator, model, ema, recipe, coupling, step):
     """FID / KID of the current (EMA) weights at each of --eval_inference_steps, logged as eval/<n>_step/* and
-    appended to eval_history.jsonl (one line per sampler step count)."""
-    pipeline = ConsistencyModelPipeline(unet=accelerator.unwrap_model(model), scheduler=scheduler)
+    appended to eval_history.jsonl (one line per sampler step count, with the re-noising used)."""
+    pipeline = sampling_pipeline(accelerator.unwrap_model(model), recipe, args, coupling)
     for num_steps in args.eval_inference_steps:
         record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step, num_steps)
 
@@ -289,7 +313,7 @@ def save_samples(accelerator, args, pipeline, class_names, step, path):
     image_grid(grids, cols=int(count**0.5) if int(count**0.5) ** 2 == count else count).save(path)
 
 
-def push_to_hub(args, repo_id, summary):
+def push_to_hub(args, repo_id, summary, coupling):
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
                 "assignment scope": args.assignment_scope, "assignment cost dtype": args.assignment_cost_dtype,
                 "dataset": summary["dataset"], "resolution": args.resolution,
@@ -298,8 +322,12 @@ def push_to_hub(args, repo_id, summary):
                 "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
                 "loss": args.loss, "noise levels": f"{args.curriculum_start} -> {args.curriculum_end}",
                 "sigma range": f"[{args.sigma_min}, {args.sigma_max}]", "dropout": args.dropout,
-                "mixed precision": summary["mixed_precision"]}
+                "mixed precision": summary["mixed_precision"],
+                "multistep sampling": "matched re-noising (immiscible_coupling.json)" if coupling.is_coupled else "stock"}
     labels = ", class_labels=[0] * 16" if args.class_conditional else ""
+    matched = ("# trained with noise assignment: re-noise between steps the same way (immiscible-diffusers)\n"
+               "from immiscible_pipeline import matched_renoise\n\nmatched_renoise(pipeline)  # reads "
+               "immiscible_coupling.json\n") if coupling.is_coupled else ""
     description = card_description(
         title=f"Immiscible consistency model: {repo_id}",
         summary=(f"A consistency model trained from scratch by improved consistency training with Immiscible "
@@ -307,7 +335,7 @@ def push_to_hub(args, repo_id, summary):
                  "from immiscible-diffusers. It samples in one step, or better in two."),
         settings=settings, image="samples.png",
         usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
-               f"one_step = pipeline(batch_size=16, num_inference_steps=1{labels}).images\n"
+               f"one_step = pipeline(batch_size=16, num_inference_steps=1{labels}).images\n{matched}"
                f"two_step = pipeline(batch_size=16, num_inference_steps=2{labels}).images"))
     task = "class-conditional-image-generation" if args.class_conditional else "unconditional-image-generation"
     tags = immiscible_tags(args.immiscible) + [task, "consistency-models", f"scope-{args.assignment_scope}"]

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.renoise import coupling_of_run
 from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_arguments,
@@ -242,6 +243,10 @@ def main(args):
             ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
         pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
         pipeline.save_pretrained(args.output_dir)
+        # How a stochastic sampler (DDPM, eta > 0) must re-noise; the grids' DDIM with eta 0 needs nothing
+        coupling = coupling_of_run(args.immiscible, args.immiscible_k, args.train_batch_size, args.assignment_scope,
+                                   accelerator.num_processes)
+        coupling.save(args.output_dir)
         save_samples(accelerator, args, pipeline, global_step, Path(args.output_dir) / "samples.png")
         summary = {**run_config, "num_processes": accelerator.num_processes, "total_batch_size": total_batch_size,
                    "mixed_precision": accelerator.mixed_precision, "global_step": global_step,
@@ -249,7 +254,7 @@ def main(args):
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved the DDIMPipeline and a sample grid to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(args, repo_id, summary)
+            push_to_hub(args, repo_id, summary, coupling)
     end_training(accelerator)
 
 
@@ -269,21 +274,27 @@ def save_samples(accelerator, args, pipeline, step, path):
     log_images(accelerator, "samples", images, step)
 
 
-def push_to_hub(args, repo_id, summary):
+def push_to_hub(args, repo_id, summary, coupling):
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
                 "assignment scope": args.assignment_scope, "assignment cost dtype": args.assignment_cost_dtype,
                 "dataset": summary["dataset"], "resolution": args.resolution,
                 "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
                 "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
                 "prediction type": args.prediction_type, "beta schedule": args.ddpm_beta_schedule,
-                "min-SNR gamma": args.snr_gamma or "-", "mixed precision": summary["mixed_precision"]}
+                "min-SNR gamma": args.snr_gamma or "-", "mixed precision": summary["mixed_precision"],
+                "stochastic sampling": "matched re-noising (immiscible_coupling.json)" if coupling.is_coupled else "stock"}
+    stochastic = ("\n# DDPM or eta > 0 re-noise between steps: pair that noise as training did (immiscible-diffusers)\n"
+                  "from immiscible_pipeline import matched_renoise\n\nmatched_renoise(pipeline)  # reads "
+                  "immiscible_coupling.json\nimages = pipeline(batch_size=16, num_inference_steps="
+                  f"{args.ddim_num_inference_steps}, eta=1.0).images") if coupling.is_coupled else ""
     description = card_description(
         title=f"Immiscible DDIM: {repo_id}",
         summary=(f"An unconditional DDIM model trained with Immiscible Diffusion ({args.immiscible} noise "
                  "assignment, arXiv 2406.12303) using `train_immiscible_ddim.py` from immiscible-diffusers."),
         settings=settings, image="samples.png",
         usage=(f'from diffusers import DiffusionPipeline\n\npipeline = DiffusionPipeline.from_pretrained("{repo_id}")\n'
-               f"images = pipeline(batch_size=16, num_inference_steps={args.ddim_num_inference_steps}).images"))
+               f"images = pipeline(batch_size=16, num_inference_steps={args.ddim_num_inference_steps}).images"
+               f"{stochastic}"))
     tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "ddim",
                                                f"scope-{args.assignment_scope}"]
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)

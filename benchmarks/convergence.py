@@ -116,6 +116,7 @@ class Settings:
     unet: dict = field(default_factory=lambda: dict(MNIST_UNET))
     classifier: dict = field(default_factory=lambda: asdict(ClassifierTraining()))
     recipe: dict | None = None  # cm: the ConsistencyRecipe's fields
+    train_eval: bool = True  # False: no FID during training, only the weights kept for --reevaluate
 
     def eval_steps(self) -> list[int]:
         """Every `eval_every` steps, plus every halving of the run down to 1/16 of it (250, 500, 1000, 2000,
@@ -128,7 +129,10 @@ class Settings:
         return sorted(regular | halvings | {self.steps})
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["train_eval"]:
+            del fields["train_eval"]  # added later: runs made before it keep their names
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def method_names(methods: list[str], knn_k: list[int]) -> list[str]:
@@ -217,8 +221,10 @@ OBJECTIVES = {"ddim": DDIMObjective, "cm": ConsistencyObjective}
 
 
 def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, evaluator: TrainingEvaluator,
-              log=print) -> dict:
-    """One training run in this process; returns its FID curve per sampler step count and per-step timings."""
+              log=print, weights_dir: str | None = None) -> dict:
+    """One training run in this process; returns its FID curve per sampler step count and per-step timings.
+    With `weights_dir`, the EMA weights evaluated at each evaluation step are kept there (`save_weights`), so
+    that `--reevaluate` can score them with other samplers without training again."""
     from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -264,13 +270,20 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
             median = statistics.median(step_ms[-report_every:])
             log(f"  {name:6s} seed {seed} step {step:5d}/{settings.steps}: loss {np.mean(losses[-50:]):.4f}, "
                 f"{median:.0f} ms/step, about {median * (settings.steps - step) / 60000:.0f} min of training left")
-        if step in eval_at:
+        if step in eval_at and not settings.train_eval:
+            with averaged_weights(model.parameters(), ema):
+                save_weights(model, weights_dir, step)
+            log(f"  {name:6s} seed {seed} step {step:5d}/{settings.steps}: weights kept; loss "
+                f"{np.mean(losses[-50:]):.4f} (run {time.perf_counter() - started:.0f} s)")
+        elif step in eval_at:
             pipeline = objective.pipeline(model)
             eval_start = time.perf_counter()
             with averaged_weights(model.parameters(), ema):
                 for n in settings.eval_inference_steps:
                     metrics = evaluator(pipeline, num_inference_steps=n)
                     curves[str(n)].append({"step": step, **metrics, "loss": float(np.mean(losses[-50:]))})
+                if weights_dir is not None:
+                    save_weights(model, weights_dir, step)
             model.train()
             fids = ", ".join(f"{n} step{'s' if n > 1 else ''} {curves[str(n)][-1]['fid']:.3f}"
                              for n in settings.eval_inference_steps)
@@ -280,6 +293,26 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
             "noise_ms_median": statistics.median(noise_ms), "train_seconds": sum(step_ms) / 1000,
             "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
             "machine": machine()}
+
+
+def weights_path(weights_dir: str, step: int) -> str:
+    return os.path.join(weights_dir, f"step-{step:06d}.safetensors")
+
+
+def has_weights(weights_dir: str, settings: Settings) -> bool:
+    """Whether a run's weights are kept at every evaluation step."""
+    return all(os.path.isfile(weights_path(weights_dir, step)) for step in settings.eval_steps())
+
+
+def save_weights(model, weights_dir: str, step: int) -> None:
+    """The model's current weights (the EMA weights, inside `averaged_weights`) at `step`, written atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(weights_dir, exist_ok=True)
+    path = weights_path(weights_dir, step)
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()},
+              path + ".partial")
+    os.replace(path + ".partial", path)
 
 
 # --- the real trainers (--backend script) -----------------------------------------------------------------------
@@ -656,14 +689,30 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=None, help="default 64")
     parser.add_argument("--learning_rate", type=float, default=None, help="default: 3e-4 for ddim, 1e-3 for cm")
     parser.add_argument("--output_dir", default=None, help="default docs/convergence/<family> (kept in git)")
-    parser.add_argument("--work_dir", default=None, help="--backend script: the trainers' output folders "
-                                                         "(default benchmark-results/convergence-work/<family>)")
+    parser.add_argument("--work_dir", default=None,
+                        help="not kept in git: each run's weights at its evaluation steps (--backend loop) or the "
+                             "trainers' output folders (--backend script); default "
+                             "benchmark-results/convergence-work/<family>")
     parser.add_argument("--cache_dir", default=None, help="classifier / reference-feature cache (default: the "
                                                           "package's, $IMMISCIBLE_CACHE or ~/.cache/immiscible_pipeline)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--backend", choices=("loop", "script"), default="loop",
                         help="loop: the in-process copy of the trainer's loop (times every step); script: the real "
                              "trainer with --eval_steps, one subprocess per run")
+    parser.add_argument("--retrain_missing_weights", action="store_true",
+                        help="train again the finished runs whose weights are not kept in --work_dir (runs made "
+                             "before the benchmark kept weights), so that --reevaluate can score them")
+    parser.add_argument("--no_train_eval", action="store_true",
+                        help="no FID during training: only keep the weights at the evaluation steps, for --reevaluate "
+                             "(these runs are named apart from the ones evaluated during training)")
+    parser.add_argument("--reevaluate", nargs="+", default=None, metavar="SAMPLER",
+                        help="score the runs' kept weights again with these samplers, e.g. cm-1 cm-2 cm-2-matched or "
+                             "ddim-10 ddim-10-eta1-matched ddpm-50-matched (see benchmarks/sampler_study.py); writes "
+                             "<output_dir>/samplers/")
+    parser.add_argument("--reeval_steps", type=int, nargs="+", default=None,
+                        help="--reevaluate at these training steps only (default: every evaluation step)")
+    parser.add_argument("--reeval_samples", type=int, default=None,
+                        help="samples per --reevaluate score (default: the family's --eval_samples)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed, tiny model and evaluation")
     args = parser.parse_args(argv)
     try:
@@ -697,6 +746,7 @@ def build_settings(args) -> Settings:
     if args.family == "cm":
         settings.recipe = asdict(ConsistencyRecipe())
         settings.unet = {**settings.unet, "dropout": 0.0}  # the trainer's MNIST demo trains without dropout
+    settings.train_eval = not args.no_train_eval
     return settings
 
 
@@ -745,7 +795,9 @@ def run_benchmark(args) -> dict:
         for name in methods:
             run_name = f"{name}-seed{seed}-{settings.key()}{'-script' if args.backend == 'script' else ''}"
             path = os.path.join(output_dir, "runs", f"{run_name}.json")
-            if os.path.isfile(path):
+            weights_dir = os.path.join(work_dir, run_name, "weights")
+            if os.path.isfile(path) and not (args.retrain_missing_weights and args.backend == "loop"
+                                             and not has_weights(weights_dir, settings)):
                 with open(path) as handle:
                     runs.append(json.load(handle))
                 print(f"[{len(runs)}/{total}] {name} seed {seed}: reusing {os.path.relpath(path)}", flush=True)
@@ -754,11 +806,17 @@ def run_benchmark(args) -> dict:
             if args.backend == "script":
                 run = train_run_script(name, seed, settings, os.path.join(work_dir, run_name), args.cache_dir)
             else:
-                run = train_run(name, seed, settings, images, evaluator, log=lambda text: print(text, flush=True))
+                run = train_run(name, seed, settings, images, evaluator, log=lambda text: print(text, flush=True),
+                                weights_dir=weights_dir)
             with open(path + ".partial", "w") as handle:
                 json.dump(run, handle)
             os.replace(path + ".partial", path)  # a run cut off half-way leaves no file that looks finished
             runs.append(run)
+    if args.reevaluate:
+        return reevaluate(args, settings, methods, runs, evaluator, output_dir, work_dir)
+    if not settings.train_eval:
+        print(f"trained without evaluation: the weights are in {work_dir}; score them with --reevaluate")
+        return {"runs": runs}
     summaries = summarise_by_sampler(runs, methods, args.seeds, settings.eval_inference_steps)
     wall_minutes = (time.perf_counter() - started) / 60
     table = markdown(summaries, runs, methods, args.seeds, settings, accuracy, wall_minutes, args.backend)
@@ -770,6 +828,43 @@ def run_benchmark(args) -> dict:
               "summary": {str(n): {k: v for k, v in s.items() if k != "fid"} for n, s in summaries.items()},
               "wall_minutes": wall_minutes, "torch_threads": torch.get_num_threads()}
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump(result, handle, indent=1, default=str)
+    print(table)
+    return result
+
+
+def reevaluate(args, settings: Settings, methods: list[str], runs: list[dict], evaluator, output_dir: str,
+               work_dir: str) -> dict:
+    """--reevaluate: every run's kept weights scored with each sampler; tables, plot and JSON in <output_dir>/samplers."""
+    from benchmarks import sampler_study
+
+    started = time.perf_counter()
+    samplers = [sampler_study.parse_sampler(name, settings.family) for name in args.reevaluate]
+    steps = args.reeval_steps or settings.eval_steps()
+    if args.reeval_samples:
+        evaluator.num_samples = args.reeval_samples
+    study_dir = os.path.join(output_dir, "samplers")
+    os.makedirs(os.path.join(study_dir, "scores"), exist_ok=True)
+    objective = OBJECTIVES[settings.family](settings)
+    for run in runs:
+        run_name = f"{run['method']}-seed{run['seed']}-{settings.key()}"
+        method, k = parse_method(run["method"])
+        scores = os.path.join(study_dir, "scores", f"{run_name}-{evaluator.num_samples}samples.json")
+        run["curves"] = sampler_study.score_run(run_name, method, k, os.path.join(work_dir, run_name, "weights"),
+                                                steps, samplers, settings, objective, evaluator, scores,
+                                                log=lambda text: print(text, flush=True))
+    summaries = summarise_by_sampler(runs, methods, args.seeds, [s.name for s in samplers])
+    table = sampler_study.markdown(summaries, samplers, methods, args.seeds, settings, steps, evaluator.num_samples,
+                                   evaluator.classifier_test_accuracy, machine(),
+                                   (time.perf_counter() - started) / 60, mean_std)
+    with open(os.path.join(study_dir, "results.md"), "w") as handle:
+        handle.write(table)
+    sampler_study.plot(summaries, samplers, methods, args.seeds, os.path.join(study_dir, "fid_vs_steps.png"))
+    result = {"settings": asdict(settings), "samplers": args.reevaluate, "steps": steps, "methods": methods,
+              "seeds": args.seeds, "num_samples": evaluator.num_samples, "machine": machine(),
+              "curves": {f"{r['method']}-seed{r['seed']}": r["curves"] for r in runs},
+              "summary": {n: {k: v for k, v in s.items() if k != "fid"} for n, s in summaries.items()}}
+    with open(os.path.join(study_dir, "results.json"), "w") as handle:
         json.dump(result, handle, indent=1, default=str)
     print(table)
     return result

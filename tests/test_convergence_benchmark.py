@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -197,3 +198,33 @@ def test_results_default_to_a_committed_folder(convergence):
     folder = os.path.join(convergence.default_output_dir("cm"), "runs")
     ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(folder, "none-seed0-abc.json")], cwd=REPO)
     assert ignored.returncode == 1  # not ignored: finished runs are committed and reused by later sessions
+
+
+def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_again(convergence, tmp_path, capsys):
+    """The sampler study: runs keep their weights, and --reevaluate scores them per sampler (matched re-noising
+    included), resumably, then writes its own tables."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--family", "ddim", "--smoke", "--methods", "none", "linear", "--output_dir", str(out), "--work_dir",
+              str(work), "--cache_dir", str(tmp_path / "cache")]
+    trained = convergence.main(common + ["--no_train_eval"])
+    assert all(not curve for run in trained["runs"] for curve in run["curves"].values())  # no FID while training
+    kept = sorted(path.name for path in work.glob("*/weights/*.safetensors"))
+    assert kept == ["step-000003.safetensors"] * 2 + ["step-000006.safetensors"] * 2
+    capsys.readouterr()
+    samplers = ["ddim-2", "ddpm-2", "ddpm-2-matched", "ddpm-2-matched1"]
+    result = convergence.main(common + ["--no_train_eval", "--reevaluate", *samplers, "--reeval_samples", "12"])
+    output = capsys.readouterr().out
+    assert output.count("reusing") == 2 and "seed 0: training" not in output
+    curves = result["curves"]["linear-seed0"]
+    assert sorted(curves) == sorted(samplers) and [p["step"] for p in curves["ddpm-2"]] == [3, 6]
+    assert curves["ddpm-2"][-1]["fid"] != curves["ddpm-2-matched"][-1]["fid"]  # the coupling changed the samples
+    # Vanilla has no coupling to match: its matched scores are its independent ones.
+    assert result["curves"]["none-seed0"]["ddpm-2-matched"] == result["curves"]["none-seed0"]["ddpm-2"]
+    table = (out / "samplers" / "results.md").read_text()
+    assert "| DDPM ancestral, 2 steps, matched re-noising (first 1) |" in table and "12 samples" in table
+    assert (out / "samplers" / "fid_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
+    # Scores are kept as they are made: a second invocation samples nothing.
+    convergence.main(common + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
+    assert not re.search(r"step +\d+ ddpm-2 +FID", capsys.readouterr().out)
+    with pytest.raises(ValueError, match="does not sample the ddim family"):
+        convergence.main(common + ["--no_train_eval", "--reevaluate", "cm-2"])

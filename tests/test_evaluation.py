@@ -374,3 +374,29 @@ def test_a_trainers_evaluator_takes_its_dataset_cache_and_named_label_column(tmp
     pixel_evaluator(Namespace(**{**vars(args), "class_conditional": False}), 3, None, 2)
     assert built == [ReferenceSpec("me/flowers", image_column="img", label_column="kind", cache_dir=str(tmp_path)),
                      ReferenceSpec("me/flowers", image_column="img", cache_dir=str(tmp_path))]
+
+
+def test_the_command_matches_re_noising_to_the_training_coupling_by_default(classifier, cache_dir, tmp_path,
+                                                                             caplog):
+    from immiscible_pipeline import TrainingCoupling
+    from immiscible_pipeline.evaluation import cli as evaluate
+
+    model = str(tmp_path / "tiny-ddim")
+    tiny_ddim_pipeline().save_pretrained(model)
+    common = ["--model", model, "--reference", "mnist", "--feature", "classifier", "--cache_dir", cache_dir,
+              "--classifier_steps", "60", "--num_samples", "6", "--num_reference", "50", "--kid_subsets", "2",
+              "--batch_size", "6", "--num_inference_steps", "4", "--scheduler", "ddpm"]
+    vanilla = evaluate.main(common)  # no coupling record: stock DDPM
+    assert (vanilla["scheduler"], vanilla["renoise"]) == ("DDPMScheduler", "independent")
+    with pytest.raises(SystemExit, match="no immiscible_coupling.json"):
+        evaluate.main(common + ["--renoise", "matched"])
+    TrainingCoupling(method="linear", group_size=3).save(model)
+    matched = evaluate.main(common)
+    assert matched["renoise"] == "matched" and matched["fid"] != vanilla["fid"]
+    with caplog.at_level("WARNING"):
+        independent = evaluate.main(common + ["--renoise", "independent"])
+    assert independent["fid"] == pytest.approx(vanilla["fid"], rel=1e-6)  # exactly the stock sampler
+    warnings = [r.getMessage() for r in caplog.records if "re-noises between steps" in r.getMessage()]
+    assert len(warnings) == 1 and "linear assignment in groups of 3" in warnings[0]
+    deterministic = evaluate.main(common[:-2] + ["--output_json", str(tmp_path / "ddim.json")])
+    assert (deterministic["scheduler"], deterministic["eta"]) == ("DDIMScheduler", 0.0)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
+from immiscible_pipeline import TrainingCoupling
 from immiscible_pipeline.training.consistency_training import denoise
 
 PROJECT = "train_immiscible_cm"  # its TensorBoard folder
@@ -74,6 +75,10 @@ def test_two_processes_assign_over_the_global_batch_and_evaluate_one_and_two_ste
     assert logged["immiscible/num_processes"] == 2 and logged["immiscible/batch_size"] == 6
     history = [json.loads(line) for line in (output / "eval_history.jsonl").read_text().splitlines()]
     assert [(record["step"], record["num_inference_steps"]) for record in history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    # The default --immiscible linear over the global batch of 6: evaluations re-noise with that coupling
+    assert {record["renoise"] for record in history} == {"matched"}
+    coupling = TrainingCoupling.load(str(output))
+    assert (coupling.method, coupling.group_size, coupling.scope, coupling.num_processes) == ("linear", 6, "global", 2)
     assert all(record["fid"] > 0 for record in history)
     assert logged["eval/2_step/fid"] == pytest.approx(history[-1]["fid"], rel=1e-5)
 
@@ -156,9 +161,27 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
     assert "unconditional-image-generation" not in card
     for text in ("- immiscible-diffusion", "- consistency-models", "| class-conditional | True |", "| loss | l2 |",
                  "- class-conditional-image-generation",
-                 "| noise levels | 10 -> 1280 |", "num_inference_steps=2, class_labels=[0] * 16"):
+                 "| noise levels | 10 -> 1280 |", "num_inference_steps=2, class_labels=[0] * 16",
+                 "| multistep sampling | matched re-noising (immiscible_coupling.json) |", "matched_renoise(pipeline)"):
         assert text in card, text
+    # Linear assignment within each of 2 classes in batches of 4: groups of about 2 at training
+    assert TrainingCoupling.load(str(output)) == TrainingCoupling(method="linear", group_size=2, per_class=True)
     assert uploaded and uploaded[0]["repo_id"] == "me/tiny-cm"
+
+
+def test_independent_renoise_is_stock_sampling_and_warns_once(trainer, tmp_path, tiny_args, monkeypatch, caplog):
+    grids = []
+    real_sample = trainer.sample_images
+    monkeypatch.setattr(trainer, "sample_images", lambda pipeline, **kw: grids.append(
+        hasattr(pipeline.scheduler, "coupled_noise")) or real_sample(pipeline, **kw))
+    with caplog.at_level("WARNING"):
+        run_in_process(trainer, tiny_args(tmp_path / "independent", "--max_train_steps", 1, "--report_to", "none",
+                                          "--renoise", "independent"))
+    warnings = [r.getMessage() for r in caplog.records if "re-noises between steps" in r.getMessage()]
+    assert len(warnings) == 1 and "--renoise matched" in warnings[0]
+    assert grids == [False, False]  # samples.png: 1 and 2 steps, stock schedulers
+    run_in_process(trainer, tiny_args(tmp_path / "matched", "--max_train_steps", 1, "--report_to", "none"))
+    assert grids[2:] == [True, True]
 
 
 # --- flags and errors ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from trainer_runs import checkpoints, launch, load_script, run_in_process, scala
 
 import immiscible_pipeline.training.hub_publishing as hub
 import immiscible_pipeline.training.step_bookkeeping as step_bookkeeping
+from immiscible_pipeline import TrainingCoupling
 
 PROJECT = "train_immiscible_ddim"  # its TensorBoard folder
 SCRIPT = Path(__file__).resolve().parents[1] / "train_immiscible_ddim.py"
@@ -247,8 +248,12 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
                  "| mixed precision | bf16 |", "| prediction type | v_prediction |", "| beta schedule | linear |",
                  "| min-SNR gamma | - |",
                  f"| dataset | image folder {tiny_args(output)[1]} |", "![samples](samples.png)",
-                 'DiffusionPipeline.from_pretrained("me/tiny-ddim")'):
+                 'DiffusionPipeline.from_pretrained("me/tiny-ddim")',
+                 "| stochastic sampling | matched re-noising (immiscible_coupling.json) |",
+                 "matched_renoise(pipeline)", "eta=1.0"):
         assert text in card, text
+    # The coupling that stochastic sampling must keep, beside the pipeline: KNN k = 4 of batches of 4
+    assert TrainingCoupling.load(str(output)) == TrainingCoupling(method="knn", group_size=4, k=4)
 
 
 # --- diffusers' train_unconditional.py command lines ------------------------------------------------------

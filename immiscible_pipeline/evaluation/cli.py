@@ -6,6 +6,11 @@
     python -m immiscible_pipeline.evaluate --model sd-out/ --reference imagenet-folder/ \
         --prompts_file class_prompts.txt --samples_per_class 50
     python -m immiscible_pipeline.evaluate --model cm-out/ --num_inference_steps 1 2   # one FID per step count
+    python -m immiscible_pipeline.evaluate --model ddim-out/ --scheduler ddpm --num_inference_steps 50
+
+A model trained with noise assignment (its folder holds immiscible_coupling.json) is sampled with matched
+re-noising by default: a stochastic sampler's injected noise is paired with the clean estimates as training
+paired noise with images (`--renoise independent` for stock diffusers).
 
 Prints the metrics and writes them as JSON (`--output_json`, default `<model>/evaluation.json`).
 With `--sample_only --save_images DIR` it only writes the images (the sampling command).
@@ -41,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sampler steps; several give one result each (default: 1 and 2 for a consistency "
                              "model, 50 otherwise; --sample_only takes one: 1 for a consistency model)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+    parser.add_argument("--scheduler", choices=("saved", "ddpm", "ddim"), default="saved",
+                        help="unconditional pixel models: sample with the saved scheduler, DDPM's ancestral steps "
+                             "(DDPMPipeline) or DDIM (DDIMPipeline, with --eta), on the saved training schedule")
+    parser.add_argument("--renoise", choices=("matched", "independent"), default=None,
+                        help="how a stochastic sampler (DDPM, DDIM with eta > 0, multistep consistency sampling) "
+                             "re-noises: matched pairs the noise with the clean estimates as training did "
+                             "(default for a model whose folder records a noise coupling); independent is stock")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
     parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")
     parser.add_argument("--prompts_file", default=None, help="the class prompts, one per line")
@@ -98,7 +110,42 @@ def load_pipeline(args, accelerator):
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(args.model).to(accelerator.device)
+    pipeline = with_scheduler(pipeline, args.scheduler)
     return pipeline if args.dtype == "float32" else pipeline.to(dtype=getattr(torch, args.dtype))
+
+
+def with_scheduler(pipeline, choice: str):
+    """The pipeline as saved, or its UNet in DDPMPipeline / DDIMPipeline on the saved training schedule."""
+    if choice == "saved":
+        return pipeline
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    kind = type(pipeline).__name__
+    if kind not in ("DDIMPipeline", "DDPMPipeline"):
+        raise SystemExit(f"--scheduler {choice} samples unconditional DDPM / DDIM pixel models; {kind} keeps its own "
+                         "(use --scheduler saved)")
+    pipeline_class, scheduler_class = (DDPMPipeline, DDPMScheduler) if choice == "ddpm" else (DDIMPipeline, DDIMScheduler)
+    swapped = pipeline_class(unet=pipeline.unet, scheduler=scheduler_class.from_config(pipeline.scheduler.config))
+    swapped.register_to_config(_name_or_path=pipeline.name_or_path)  # where its coupling record lies
+    return swapped
+
+
+def set_renoise(args, pipeline, steps: list[int]) -> str:
+    """Matched re-noising for a model trained with noise assignment unless --renoise independent; says which,
+    and warns once where independent re-noising meets such a model."""
+    from ..renoise import TrainingCoupling, matched_renoise, warn_if_independent
+
+    coupling = TrainingCoupling.load(args.model)
+    renoise = args.renoise or ("matched" if coupling is not None and coupling.is_coupled else "independent")
+    if renoise == "matched" and coupling is None:
+        raise SystemExit(f"--renoise matched: {args.model} has no immiscible_coupling.json (a model trained "
+                         "without noise assignment, or by another trainer): there is no coupling to match")
+    if renoise == "matched":
+        matched_renoise(pipeline, coupling)
+    warned = set()
+    for num_steps in steps:
+        warn_if_independent(coupling, pipeline.scheduler, renoise, args.eta, num_steps, warned)
+    return renoise
 
 
 def score_folder(args, reference, extractor_args) -> dict:
@@ -154,6 +201,9 @@ def main(argv=None) -> dict | None:
         is_main = accelerator.is_main_process
         pipeline = load_pipeline(args, accelerator)
         steps = args.num_inference_steps or default_inference_steps(pipeline)
+        renoise = set_renoise(args, pipeline, steps)
+        if is_main:
+            print(f"sampling with {type(pipeline.scheduler).__name__}, {renoise} re-noising")
         prompts = load_prompts(args)
         num_samples = len(prompts.prompts) if prompts is not None else args.num_samples
         if args.sample_only:
@@ -178,6 +228,7 @@ def main(argv=None) -> dict | None:
         # One step count: its record, as always; several: one record per count, keyed by it.
         result = results[steps[0]] if len(steps) == 1 else {
             "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
+        result.update(scheduler=type(pipeline.scheduler).__name__, renoise=renoise, eta=args.eta)
     if is_main:
         source = args.model or args.images
         result["source"] = os.path.abspath(source)

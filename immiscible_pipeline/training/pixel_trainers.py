@@ -71,7 +71,10 @@ def record_evaluation(accelerator, args, evaluator, pipeline, model, ema, step: 
     prefix = "eval/" if num_inference_steps is None else f"eval/{num_inference_steps}_step/"
     accelerator.log({prefix + name: value for name, value in metrics.items()}, step=step)
     if accelerator.is_main_process:
+        from ..renoise import is_matched
+
         sampler = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+        sampler["renoise"] = "matched" if is_matched(pipeline) else "independent"
         record = {"step": step, **sampler, **metrics, "num_samples": args.eval_num_samples,
                   "feature": args.eval_feature, "classifier_test_accuracy": evaluator.classifier_test_accuracy}
         with open(Path(args.output_dir) / EVAL_HISTORY, "a") as history:
