@@ -2,6 +2,7 @@
 
 A sampler is named `<scheduler>-<steps>[-eta<e>][-matched]`:
     cm-1, cm-2, cm-2-matched, cm-4-matched       consistency sampling (the family's pipeline)
+    cm-2-mid24-matched                           two steps through the saved grid's level 24 (`timesteps=[24, 0]`)
     ddim-10, ddim-50-eta1, ddim-50-eta1-matched  DDIMPipeline with that eta
     ddpm-10, ddpm-50-matched                     DDPMPipeline: DDPM ancestral steps on the same training schedule
 `-matched` re-noises with the run's training coupling (`immiscible_pipeline.matched_renoise`; the group size is
@@ -20,7 +21,8 @@ import re
 import time
 from dataclasses import dataclass
 
-SPEC = re.compile(r"(?P<scheduler>cm|ddim|ddpm)-(?P<steps>\d+)(?:-eta(?P<eta>[0-9.]+))?(?P<matched>-matched(?P<first>\d+)?)?")
+SPEC = re.compile(r"(?P<scheduler>cm|ddim|ddpm)-(?P<steps>\d+)(?:-mid(?P<mid>\d+))?(?:-eta(?P<eta>[0-9.]+))?"
+                  r"(?P<matched>-matched(?P<first>\d+)?)?")
 FAMILY_OF = {"cm": "cm", "ddim": "ddim", "ddpm": "ddim"}
 
 
@@ -32,6 +34,7 @@ class Sampler:
     eta: float
     matched: bool
     matched_steps: int | None = None  # couple only the first this many re-noisings (None: all)
+    mid: int | None = None  # two-step consistency sampling: the middle level's index on the saved grid
 
     def describe(self) -> str:
         kind = {"cm": "consistency sampling", "ddim": "DDIM", "ddpm": "DDPM ancestral"}[self.scheduler]
@@ -39,7 +42,11 @@ class Sampler:
         first = "" if self.matched_steps is None else f" (first {self.matched_steps})"
         renoise = "" if not self.renoises() else f", matched re-noising{first}" if self.matched else \
             ", independent re-noising"
-        return f"{kind}, {self.steps} step{'s' if self.steps > 1 else ''}{eta}{renoise}"
+        mid = "" if self.mid is None else f" via level {self.mid}"
+        return f"{kind}, {self.steps} step{'s' if self.steps > 1 else ''}{mid}{eta}{renoise}"
+
+    def pipeline_kwargs(self) -> dict | None:
+        return None if self.mid is None else {"timesteps": [self.mid, 0]}
 
     def renoises(self) -> bool:
         return self.scheduler == "ddpm" or (self.scheduler == "ddim" and self.eta > 0) or (
@@ -55,8 +62,10 @@ def parse_sampler(name: str, family: str) -> Sampler:
         raise ValueError(f"sampler {name!r} does not sample the {family} family")
     if match["eta"] is not None and match["scheduler"] != "ddim":
         raise ValueError(f"sampler {name!r}: only ddim takes an eta")
+    if match["mid"] is not None and (match["scheduler"] != "cm" or match["steps"] != "2"):
+        raise ValueError(f"sampler {name!r}: only two-step consistency sampling (cm-2) takes a mid-point")
     return Sampler(name, match["scheduler"], int(match["steps"]), float(match["eta"] or 0.0), bool(match["matched"]),
-                   int(match["first"]) if match["first"] else None)
+                   int(match["first"]) if match["first"] else None, int(match["mid"]) if match["mid"] else None)
 
 
 def sampling_pipeline(sampler: Sampler, objective, model, coupling):
@@ -109,7 +118,7 @@ def score_run(run_name: str, method: str, k: int, weights_dir: str, steps: list[
         model.load_state_dict(load_file(path))
         for sampler in missing:
             started = time.perf_counter()
-            evaluator.eta = sampler.eta
+            evaluator.eta, evaluator.pipeline_kwargs = sampler.eta, sampler.pipeline_kwargs()
             with torch.no_grad():
                 metrics = evaluator(sampling_pipeline(sampler, objective, model, coupling),
                                     num_inference_steps=sampler.steps)

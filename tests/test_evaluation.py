@@ -400,3 +400,18 @@ def test_the_command_matches_re_noising_to_the_training_coupling_by_default(clas
     assert len(warnings) == 1 and "linear assignment in groups of 3" in warnings[0]
     deterministic = evaluate.main(common[:-2] + ["--output_json", str(tmp_path / "ddim.json")])
     assert (deterministic["scheduler"], deterministic["eta"]) == ("DDIMScheduler", 0.0)
+
+
+def test_sampling_passes_explicit_consistency_timesteps_to_the_pipeline():
+    from diffusers import ConsistencyModelPipeline
+
+    from immiscible_pipeline.training.consistency_training import ConsistencyRecipe
+
+    pipeline = ConsistencyModelPipeline(unet=tiny_ddim_pipeline().unet, scheduler=ConsistencyRecipe().scheduler())
+    default = sample_images(pipeline, 3, num_inference_steps=2, progress=False).images
+    lower = sample_images(pipeline, 3, num_inference_steps=2, progress=False,
+                          pipeline_kwargs={"timesteps": [24, 0]}).images  # mid-point sigma 0.82 instead of 2.24
+    assert abs(float(pipeline.scheduler.sigmas[1]) - 0.823) < 1e-3  # the last call's grid
+    assert not torch.equal(default, lower)
+    again = sample_images(pipeline, 3, num_inference_steps=7, progress=False, pipeline_kwargs={"timesteps": [24, 0]})
+    assert torch.equal(again.images, lower)  # the timesteps, not the step count, decide

@@ -86,13 +86,15 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
                       accelerator=None, cache_dir: str | None = None, output_dir: str | None = None,
                       kid_subsets: int = 100, kid_subset_size: int = 1000,
                       classifier_settings: ClassifierTraining | None = None, extractor: FeatureExtractor | None = None,
-                      reference_feats: torch.Tensor | None = None, progress: bool = True) -> dict:
+                      reference_feats: torch.Tensor | None = None, progress: bool = True,
+                      pipeline_kwargs: dict | None = None) -> dict:
     """Samples `num_samples` images (split across the accelerator's processes), and returns on every process
     {"fid", "kid_mean", "kid_std", ...details}, with classifier features also "confident_fraction" (samples
     the classifier labels with probability >= 0.9; "reference_confident_fraction" for the reference images),
     and the details: the number of samples and reference images, the feature network (and the classifier's
     test accuracy), whether the reference features came from the cache, timings.
 
+    `pipeline_kwargs`: more arguments of the pipeline call (e.g. a consistency model's `timesteps`).
     `extractor` / `reference_feats` let a caller that evaluates repeatedly (see TrainingEvaluator) reuse them.
     """
     start = time.perf_counter()
@@ -121,7 +123,8 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
     sample_start = time.perf_counter()
     sample_images(pipeline, num_samples, batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps,
                   eta=eta, prompts=prompts, guidance_scale=guidance_scale, accelerator=accelerator,
-                  output_dir=output_dir, keep_in_memory=False, on_batch=collect, progress=progress)
+                  output_dir=output_dir, keep_in_memory=False, on_batch=collect, progress=progress,
+                  pipeline_kwargs=pipeline_kwargs)
     local = torch.cat(chunks) if chunks else torch.empty(0, extractor.num_features)
     local_indices = torch.cat(chunk_indices) if chunk_indices else torch.empty(0, dtype=torch.int64)
     fake = gather_in_order(local, local_indices, accelerator)
@@ -140,6 +143,7 @@ def evaluate_pipeline(pipeline, reference: ReferenceSpec | str = "mnist", num_sa
         result.update(
             feature=extractor.name, reference=reference.name, reference_split=reference.split,
             resolution=height, channels=channels, num_inference_steps=num_inference_steps, eta=eta, seed=seed,
+            **({"pipeline_kwargs": pipeline_kwargs} if pipeline_kwargs else {}),
             reference_from_cache=ref_record["from_cache"], reference_key=ref_record["key"],
             num_processes=accelerator.num_processes if accelerator is not None else 1,
             sampling_seconds=round(sample_seconds, 2), seconds=round(time.perf_counter() - start, 2))
@@ -173,7 +177,8 @@ class TrainingEvaluator:
                  feature: str | FeatureExtractor = "classifier", num_inference_steps: int = 50, batch_size: int = 256,
                  seed: int = 0, cache_dir: str | None = None, num_reference: int | None = 10_000, eta: float = 0.0,
                  kid_subsets: int = 100, kid_subset_size: int = 1000,
-                 classifier_settings: ClassifierTraining | None = None, progress: bool = False):
+                 classifier_settings: ClassifierTraining | None = None, progress: bool = False,
+                 pipeline_kwargs: dict | None = None):
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}")
         if not isinstance(feature, FeatureExtractor) and feature not in FEATURES:
@@ -183,6 +188,7 @@ class TrainingEvaluator:
         self.batch_size, self.seed, self.cache_dir, self.num_reference = batch_size, seed, cache_dir, num_reference
         self.eta, self.kid_subsets, self.kid_subset_size = eta, kid_subsets, kid_subset_size
         self.classifier_settings, self.progress = classifier_settings, progress
+        self.pipeline_kwargs = pipeline_kwargs  # more arguments of every pipeline call
         self._extractor: FeatureExtractor | None = None
         self._reference_feats: torch.Tensor | None = None
         self._prepared_for: tuple[int, int] | None = None
@@ -223,6 +229,7 @@ class TrainingEvaluator:
                 num_inference_steps=num_inference_steps or self.num_inference_steps,
                 accelerator=accelerator, cache_dir=self.cache_dir, kid_subsets=self.kid_subsets,
                 kid_subset_size=self.kid_subset_size, extractor=self._extractor,
-                reference_feats=self._reference_feats if is_main else None, progress=self.progress)
+                reference_feats=self._reference_feats if is_main else None, progress=self.progress,
+                pipeline_kwargs=self.pipeline_kwargs)
         self.last_details = details
         return {key: details[key] for key in ("fid", "kid_mean", "kid_std", "confident_fraction") if key in details}

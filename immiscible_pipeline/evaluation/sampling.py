@@ -106,8 +106,11 @@ class Samples:
 
 
 def _generate(pipeline, count: int, generators: list, num_inference_steps: int, eta: float,
-              prompts: list[str] | None, guidance_scale: float) -> np.ndarray:
+              prompts: list[str] | None, guidance_scale: float, pipeline_kwargs: dict | None) -> np.ndarray:
     kwargs = {"generator": generators, "num_inference_steps": num_inference_steps, "output_type": "np"}
+    kwargs.update(pipeline_kwargs or {})
+    if kwargs.get("timesteps") is not None:
+        kwargs["num_inference_steps"] = None  # explicit timesteps instead
     if prompts is not None:
         kwargs.update(prompt=prompts, guidance_scale=guidance_scale)
     else:
@@ -121,7 +124,7 @@ def sample_images(pipeline, num_images: int, *, batch_size: int = 64, seed: int 
                   eta: float = 0.0, prompts: Sequence[str] | None = None, guidance_scale: float = 7.5,
                   accelerator=None, output_dir: str | None = None, keep_in_memory: bool = True,
                   on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-                  progress: bool = True) -> Samples:
+                  progress: bool = True, pipeline_kwargs: dict | None = None) -> Samples:
     """Generates this process's share of `num_images` images from `pipeline` (already on its device).
 
     prompts: one prompt per image for text-conditioned pipelines (see `class_prompts`); must be None for
@@ -130,6 +133,8 @@ def sample_images(pipeline, num_images: int, *, batch_size: int = 64, seed: int 
     output_dir: write each image as `{index:06d}.png` (plus the per-process manifest).
     on_batch: called with (global indices, uint8 images) after each batch, e.g. to compute features
         without keeping the images (`keep_in_memory=False`).
+    pipeline_kwargs: more arguments of the pipeline call, e.g. `{"timesteps": [24, 0]}` for a consistency model
+        (explicit timesteps replace `num_inference_steps`).
     Returns only this process's images; with an accelerator, all processes return after every image is written.
     """
     if num_images < 0 or batch_size < 1:
@@ -163,7 +168,7 @@ def sample_images(pipeline, num_images: int, *, batch_size: int = 64, seed: int 
             generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
             batch_prompts = [prompts[i] for i in batch] if prompts is not None else None
             images = to_uint8(_generate(pipeline, len(batch), generators, num_inference_steps, eta, batch_prompts,
-                                        guidance_scale))
+                                        guidance_scale, pipeline_kwargs))
             indices = torch.tensor(list(batch), dtype=torch.int64)
             if output_dir is not None:
                 for i, image in zip(batch, images):
