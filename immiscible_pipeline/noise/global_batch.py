@@ -3,11 +3,14 @@
     imm = build_immiscible("linear", scope="global", accelerator=accelerator)
     noise = imm(latents, groups=class_labels)      # same call as ImmiscibleNoise
 
-Per-process ("local") assignment stays the default: it costs no communication, and each process's batch is
-already a sample of the data. "global" pairs the W * B images of all W processes with the W * B noises of all
-processes, as if one process held the whole batch: the result is the single-process solve of the
-concatenated global batch (rank order), and each process keeps its own slice of that one permutation, so no
-noise is used twice (a noise may move to another process).
+"global" pairs the W * B images of all W processes with the W * B noises of all processes, as if one process
+held the whole batch: the result is the single-process solve of the concatenated global batch (rank order),
+and each process keeps its own slice of that one permutation, so no noise is used twice (a noise may move to
+another process). "local" assigns each process's batch on its own: no communication, and each batch is
+already a sample of the data. "auto" (the default) is global while the global batch has at most
+`AUTO_GLOBAL_MAX_BATCH` samples and local beyond: the exact solve runs on a CPU while every GPU waits, and it
+grows faster than N^2 (real digits against noise, 2-core Xeon, `benchmarks/assignment_speed.py`: about 35 ms
+at N = 1024, 0.2 s at 2048, 1.3 s at 4096), while the distance it removes grows only like log N.
 
 How (collectives only, no point-to-point sends; every process runs the same steps):
   1. all-gather a small header per process (batch size, sample size, dtype, groups or not, input error), so
@@ -53,7 +56,8 @@ from .linear_assignment import COST_DTYPE_CHOICES, SOLVERS, assignment_permutati
 
 logger = logging.getLogger(__name__)
 
-SCOPES = ("local", "global")
+SCOPES = ("auto", "local", "global")
+AUTO_GLOBAL_MAX_BATCH = 1024  # scope "auto": one global assignment up to this many samples over all processes
 
 # Header fields exchanged before any data (one int64 row per process).
 _H_BATCH, _H_SAMPLE, _H_DTYPE, _H_GROUPS, _H_ERROR = range(5)
@@ -101,19 +105,31 @@ class GlobalAssignmentStats(AssignmentStats):
     local_batch_size: int = 0
 
 
-def build_immiscible(method: str = "linear", k: int = 8, cost_dtype: str = "auto", scope: str = "local",
+def resolve_scope(scope: str, batch_size: int, num_processes: int) -> str:
+    """"local" or "global": how batches of `batch_size` per process on `num_processes` processes are assigned
+    under `scope` (with one process both are the same; "auto" is global up to AUTO_GLOBAL_MAX_BATCH samples)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "auto":
+        return "global" if batch_size * num_processes <= AUTO_GLOBAL_MAX_BATCH else "local"
+    return scope
+
+
+def build_immiscible(method: str = "linear", k: int = 8, cost_dtype: str = "auto", scope: str = "auto",
                      accelerator=None, **kwargs):
     """The noise assigner a training script needs: `noise = imm(x0, generator=None, groups=None)`.
 
     Args:
         method, k, cost_dtype, **kwargs (solver, knn_sampler): as for `ImmiscibleNoise`.
-        scope: "local" (default: each process assigns its own batch, no communication) or "global" (linear
-            assignment over the batch of all processes, see `GlobalImmiscibleNoise`).
-        accelerator: the `accelerate.Accelerator` whose processes form the global batch (scope "global");
-            without one, torch.distributed's default group is used if initialised, else the single process.
+        scope: "auto" (default: global while the batch of all processes has at most `AUTO_GLOBAL_MAX_BATCH`
+            samples, local beyond), "local" (each process assigns its own batch, no communication) or "global"
+            (linear assignment over the batch of all processes, see `GlobalImmiscibleNoise`).
+        accelerator: the `accelerate.Accelerator` whose processes form the global batch; without one,
+            torch.distributed's default group is used if initialised, else the single process.
 
-    "knn" and "none" pair each sample on its own, so "global" changes nothing for them and the local
-    `ImmiscibleNoise` is returned. With one process, "global" gives exactly the local result.
+    "knn" and "none" pair each sample on its own, so the scope changes nothing for them and the local
+    `ImmiscibleNoise` is returned; so does "auto" with one process. With one process, "global" gives exactly
+    the local result.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
@@ -121,10 +137,14 @@ def build_immiscible(method: str = "linear", k: int = 8, cost_dtype: str = "auto
     if scope == "local":
         return local
     if method != "linear":
-        logger.info("scope='global' changes nothing for method=%r (each sample is paired on its own): "
-                    "using the per-process ImmiscibleNoise", method)
+        logger.info("scope=%r changes nothing for method=%r (each sample is paired on its own): "
+                    "using the per-process ImmiscibleNoise", scope, method)
         return local
-    return GlobalImmiscibleNoise(cost_dtype=cost_dtype, solver=local.solver, accelerator=accelerator)
+    imm = GlobalImmiscibleNoise(cost_dtype=cost_dtype, solver=local.solver, accelerator=accelerator,
+                                max_global_batch=AUTO_GLOBAL_MAX_BATCH if scope == "auto" else None)
+    if scope == "auto" and imm._collective().num_processes == 1:
+        return local
+    return imm
 
 
 class GlobalImmiscibleNoise:
@@ -142,13 +162,15 @@ class GlobalImmiscibleNoise:
         solver: "auto", "lapcpp", "lap" or "scipy" (exact; all processes must use the same one).
         accelerator: an `accelerate.Accelerator` (its `gather` is the collective used).
         collective: a `Collective` instead of an accelerator (other launchers, tests).
+        max_global_batch: when the global batch has more samples than this, each process assigns its own batch
+            instead (decided alike on every process from the exchanged batch sizes); None: always global.
     Groups must be integer labels (a tensor or ints), so that equal labels mean the same class on every process.
     """
 
     method = "linear"
 
     def __init__(self, cost_dtype: str = "auto", solver: str = "auto", accelerator=None,
-                 collective: Collective | None = None):
+                 collective: Collective | None = None, max_global_batch: int | None = None):
         if cost_dtype not in COST_DTYPE_CHOICES:
             raise ValueError(f"cost_dtype must be one of {COST_DTYPE_CHOICES}, got {cost_dtype!r}")
         if solver not in SOLVERS:
@@ -157,10 +179,13 @@ class GlobalImmiscibleNoise:
             raise ValueError("pass either accelerator or collective, not both")
         self.cost_dtype, self.solver = cost_dtype, solver
         self.accelerator, self.collective = accelerator, collective
+        self.max_global_batch = max_global_batch
         self.last_stats: GlobalAssignmentStats | None = None
+        self._warned_local = False
 
     def __repr__(self) -> str:
-        return f"GlobalImmiscibleNoise(method='linear', cost_dtype={self.cost_dtype!r}, scope='global')"
+        scope = "global" if self.max_global_batch is None else f"auto: global up to {self.max_global_batch} samples"
+        return f"GlobalImmiscibleNoise(method='linear', cost_dtype={self.cost_dtype!r}, scope={scope!r})"
 
     def _collective(self) -> Collective:
         if self.collective is not None:
@@ -199,6 +224,8 @@ class GlobalImmiscibleNoise:
         if total == 0:
             self._record([0.0, 0.0], total, batch, coll, start, noop=True)
             return noise
+        if self.max_global_batch is not None and total > self.max_global_batch:
+            return self._assign_locally(x0, noise, labels, total, coll, start)
         valid = torch.cat([torch.arange(r * padded, r * padded + s) for r, s in enumerate(sizes)]).to(device)
 
         x = x0.reshape(batch, sample)
@@ -228,6 +255,22 @@ class GlobalImmiscibleNoise:
         noop = not can_repair(total, labels_all)
         self._record(summaries[:, :2].sum(0).tolist(), total, batch, coll, start, noop)
         return assigned.reshape(noise.shape)
+
+    def _assign_locally(self, x0, noise, labels, total, coll, start) -> torch.Tensor:
+        """Above `max_global_batch`: this process's batch on its own (stats of this batch, no more collectives)."""
+        if not self._warned_local and coll.process_index == 0:
+            logger.warning("The global batch has %d samples, more than %d: each process assigns its own batch "
+                           "(assignment scope 'auto'; 'global' forces one assignment over all processes)",
+                           total, self.max_global_batch)
+            self._warned_local = True
+        local = ImmiscibleNoise("linear", cost_dtype=self.cost_dtype, solver=self.solver)
+        assigned = local.assign(x0, noise, groups=labels)
+        stats = local.last_stats
+        self.last_stats = GlobalAssignmentStats("linear", stats.batch_size, stats.mean_distance_before,
+                                                stats.mean_distance_after, stats.relative_reduction,
+                                                (time.perf_counter() - start) * 1000.0, stats.noop,
+                                                num_processes=coll.num_processes, local_batch_size=x0.shape[0])
+        return assigned
 
     def _record(self, sums, total, batch, coll, start, noop) -> None:
         before = sums[0] / total if total else 0.0
@@ -316,5 +359,5 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=0)
 
 
-__all__ = ["SCOPES", "Collective", "GlobalAssignmentStats", "GlobalImmiscibleNoise", "build_immiscible",
-           "integer_labels"]
+__all__ = ["AUTO_GLOBAL_MAX_BATCH", "SCOPES", "Collective", "GlobalAssignmentStats", "GlobalImmiscibleNoise",
+           "build_immiscible", "integer_labels", "resolve_scope"]

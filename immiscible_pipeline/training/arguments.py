@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from ..noise.global_batch import AUTO_GLOBAL_MAX_BATCH, resolve_scope, SCOPES
 from ..noise.linear_assignment import COST_DTYPE_CHOICES
 from .hub_publishing import check_hub_token
 
@@ -28,9 +29,12 @@ def add_immiscible_arguments(parser, sample_name: str = "image"):
     imm.add_argument("--immiscible", type=str, default="linear", choices=IMMISCIBLE_METHODS,
                      help="Noise assignment: linear (exact batch assignment), knn (nearest of k), none (baseline).")
     imm.add_argument("--immiscible_k", type=int, default=8, help=f"Candidates per {sample_name} for --immiscible knn.")
-    imm.add_argument("--assignment_scope", type=str, default="local", choices=["local", "global"],
-                     help="local: each process assigns its own batch; global: linear assignment over the batch of "
-                          "all processes (communication every step; with one process the same as local).")
+    imm.add_argument("--assignment_scope", type=str, default="auto", choices=SCOPES,
+                     help=f"With several processes: global = one linear assignment over the batch of all processes "
+                          f"(the official SD code's mode; communication every step); local = each process assigns "
+                          f"its own batch; auto (default) = global while the batch of all processes has at most "
+                          f"{AUTO_GLOBAL_MAX_BATCH} samples, local beyond, where the exact solve (on the CPU, while "
+                          f"the GPUs wait) grows past ~0.2 s per step (docs/benchmarks.md). One process: all alike.")
     imm.add_argument("--assignment_cost_dtype", type=str, default="auto", choices=COST_DTYPE_CHOICES,
                      help="Precision of the x.n product in the linear assignment cost: auto (bfloat16 on GPUs and "
                           "CPUs with fast bf16, float32 elsewhere), float32 (exact), bfloat16, float16.")
@@ -73,7 +77,8 @@ def add_evaluation_arguments(parser):
 def assignment_batch_warning(method: str, batch_size: int, scope: str, num_processes: int) -> str | None:
     """A warning when linear assignment sees a single sample: one sample and one noise can only be paired with
     each other, so the run is vanilla training. KNN (nearest of k draws per sample) still works at batch 1."""
-    assigned_together = batch_size * (num_processes if scope == "global" else 1)
+    global_batch = resolve_scope(scope, batch_size, num_processes) == "global"
+    assigned_together = batch_size * (num_processes if global_batch else 1)
     if method != "linear" or assigned_together > 1:
         return None
     return (f"--immiscible linear with --train_batch_size {batch_size} per process (--assignment_scope {scope}, "
