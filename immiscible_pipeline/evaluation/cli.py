@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how a stochastic sampler (DDPM, DDIM with eta > 0, multistep consistency sampling) "
                              "re-noises: matched pairs the noise with the clean estimates as training did "
                              "(default for a model whose folder records a noise coupling); independent is stock")
+    parser.add_argument("--matched_steps", type=int, default=None,
+                        help="with matched re-noising: couple only the first N re-noisings of each sampling run "
+                             "(default: all)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
     parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")
     parser.add_argument("--prompts_file", default=None, help="the class prompts, one per line")
@@ -79,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--sample_only needs --model and --save_images")
     if args.num_samples < 2 and not args.sample_only and args.samples_per_class is None:
         parser.error("--num_samples must be >= 2 for FID")
+    if args.matched_steps is not None and (args.matched_steps < 0 or args.renoise == "independent"):
+        parser.error("--matched_steps takes a count >= 0, with matched re-noising")
     if args.num_inference_steps is not None and min(args.num_inference_steps) < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     if args.sample_only and args.num_inference_steps is not None and len(args.num_inference_steps) > 1:
@@ -141,7 +146,7 @@ def set_renoise(args, pipeline, steps: list[int]) -> str:
         raise SystemExit(f"--renoise matched: {args.model} has no immiscible_coupling.json (a model trained "
                          "without noise assignment, or by another trainer): there is no coupling to match")
     if renoise == "matched":
-        matched_renoise(pipeline, coupling)
+        matched_renoise(pipeline, coupling, args.matched_steps)
     warned = set()
     for num_steps in steps:
         warn_if_independent(coupling, pipeline.scheduler, renoise, args.eta, num_steps, warned)
@@ -228,7 +233,8 @@ def main(argv=None) -> dict | None:
         # One step count: its record, as always; several: one record per count, keyed by it.
         result = results[steps[0]] if len(steps) == 1 else {
             "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
-        result.update(scheduler=type(pipeline.scheduler).__name__, renoise=renoise, eta=args.eta)
+        result.update(scheduler=type(pipeline.scheduler).__name__, renoise=renoise, eta=args.eta,
+                      matched_steps=args.matched_steps if renoise == "matched" else None)
     if is_main:
         source = args.model or args.images
         result["source"] = os.path.abspath(source)
