@@ -84,3 +84,18 @@ def summary(output_dir) -> dict:
 def checkpoints(output_dir) -> list:
     """The names of the checkpoint folders in `output_dir`, sorted."""
     return sorted(path.name for path in Path(output_dir).glob("checkpoint-*"))
+
+
+def run_with_warnings(trainer, argv) -> str:
+    """`run_in_process` (arguments made strings); returns the warnings the run logged, one per line."""
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        run_in_process(trainer, [str(arg) for arg in argv])
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return "\n".join(records)

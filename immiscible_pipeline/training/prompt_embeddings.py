@@ -1,0 +1,84 @@
+"""Prompts for the SD3 / Flux trainer: samples that carry the prompt text, and the frozen text encoders'
+embeddings, computed once per distinct prompt and kept.
+
+    samples = PromptTexts(images_or_cached_latents, captioner, caption_key)    # {"prompt": str, "group": int}
+    text = PromptEmbeddings(text_pipeline, max_sequence_length=77)
+    embeddings = text(batch["prompt"])     # {"prompt_embeds", "pooled_prompt_embeds"[, "text_ids"]}
+
+The encoders are frozen (diffusers' scripts train them only with --train_text_encoder), so a prompt always
+encodes to the same tensors: a DreamBooth run with one instance prompt runs its three encoders (SD3) or two
+(Flux) once, not every step. The pipeline's own `encode_prompt` does the encoding, so the embeddings are
+exactly those the pipeline computes at sampling time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .captions import PromptedSamples, PROMPT_STREAM
+from .image_data import sample_seed
+
+PROMPT_CACHE_SIZE = 256  # distinct prompts kept (Flux, 512 T5 tokens, bf16: 4 MB each)
+
+
+class PromptTexts(PromptedSamples):
+    """`captions.PromptedSamples` that keeps the prompt as text (`prompt`) instead of one tokenizer's ids: SD3
+    and Flux encode it with several tokenizers. Same prompt choices, dropout and groups."""
+
+    def __init__(self, samples, captioner, caption_key: str):
+        super().__init__(samples, captioner, tokenizer=None, caption_key=caption_key)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.samples[index])
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index, PROMPT_STREAM))
+        item["prompt"], item["group"] = self.captioner.sample(item.pop(self.caption_key), generator)
+        return item
+
+
+class PromptEmbeddings:
+    """The text embeddings of a batch of prompts from a pipeline's frozen text encoders (`pipeline.encode_prompt`
+    of a StableDiffusion3Pipeline or FluxPipeline loaded without transformer and VAE), kept for the last
+    PROMPT_CACHE_SIZE distinct prompts."""
+
+    def __init__(self, pipeline, max_sequence_length: int, cache_size: int = PROMPT_CACHE_SIZE):
+        self.pipeline, self.max_sequence_length, self.cache_size = pipeline, max_sequence_length, cache_size
+        self.cache: OrderedDict[str, dict] = OrderedDict()
+        self.encoded = 0  # prompts run through the encoders (for tests and logs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.text_encoder.device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict:
+        """Runs the encoders on `prompts`: {"prompt_embeds": [B, tokens, width], "pooled_prompt_embeds": [B, width]
+        and, for Flux, "text_ids": [tokens, 3]}."""
+        self.encoded += len(prompts)
+        if type(self.pipeline).__name__.startswith("StableDiffusion3"):
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, None, None, device=self.device,
+                                                               do_classifier_free_guidance=False,
+                                                               max_sequence_length=self.max_sequence_length)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(prompts, None, device=self.device,
+                                                               max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+
+    def __call__(self, prompts) -> dict:
+        prompts = list(prompts)
+        new = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.cache))
+        if new:
+            encoded = self.encode(new)
+            for row, prompt in enumerate(new):
+                self.cache[prompt] = {key: value if key == "text_ids" else value[row]
+                                      for key, value in encoded.items()}
+        rows = [self.cache[prompt] for prompt in prompts]
+        for prompt in prompts:
+            self.cache.move_to_end(prompt)
+        batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0] if key != "text_ids"}
+        if "text_ids" in rows[0]:
+            batch["text_ids"] = rows[0]["text_ids"]  # the same (zeros) for every prompt
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return batch
