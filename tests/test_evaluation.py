@@ -340,6 +340,8 @@ def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier,
     assert json.loads((tmp_path / "tiny-cm" / "evaluation.json").read_text())["results"]["2"]["fid"] == two["fid"]
     single = evaluate.main(common + ["--num_inference_steps", "1", "--output_json", str(tmp_path / "one.json")])
     assert single["fid"] == pytest.approx(one["fid"], rel=1e-6)  # one step count: the usual flat record
+    lower = evaluate.main(common + ["--timesteps", "24", "0", "--output_json", str(tmp_path / "mid.json")])
+    assert lower["timesteps"] == [24, 0] and lower["num_inference_steps"] == 2 and lower["fid"] != two["fid"]
 
 
 def test_a_reference_folder_is_read_through_the_given_datasets_cache(tiny_imagefolder, tmp_path):

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sampler steps; several give one result each (default: 1 and 2 for a consistency "
                              "model, 50 otherwise; --sample_only takes one: 1 for a consistency model)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic DDIM)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=None,
+                        help="explicit sampler timesteps instead of --num_inference_steps, for pipelines that take "
+                             "them (a consistency model: --timesteps 24 0 is two steps through sigma 0.82)")
     parser.add_argument("--scheduler", choices=("saved", "ddpm", "ddim"), default="saved",
                         help="unconditional pixel models: sample with the saved scheduler, DDPM's ancestral steps "
                              "(DDPMPipeline) or DDIM (DDIMPipeline, with --eta), on the saved training schedule")
@@ -82,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--sample_only needs --model and --save_images")
     if args.num_samples < 2 and not args.sample_only and args.samples_per_class is None:
         parser.error("--num_samples must be >= 2 for FID")
+    if args.timesteps and args.num_inference_steps and len(args.num_inference_steps) > 1:
+        parser.error("--timesteps gives one sampler: give at most one --num_inference_steps with it")
     if args.matched_steps is not None and (args.matched_steps < 0 or args.renoise == "independent"):
         parser.error("--matched_steps takes a count >= 0, with matched re-noising")
     if args.num_inference_steps is not None and min(args.num_inference_steps) < 1:
@@ -129,7 +134,8 @@ def with_scheduler(pipeline, choice: str):
     if kind not in ("DDIMPipeline", "DDPMPipeline"):
         raise SystemExit(f"--scheduler {choice} samples unconditional DDPM / DDIM pixel models; {kind} keeps its own "
                          "(use --scheduler saved)")
-    pipeline_class, scheduler_class = (DDPMPipeline, DDPMScheduler) if choice == "ddpm" else (DDIMPipeline, DDIMScheduler)
+    classes = {"ddpm": (DDPMPipeline, DDPMScheduler), "ddim": (DDIMPipeline, DDIMScheduler)}
+    pipeline_class, scheduler_class = classes[choice]
     swapped = pipeline_class(unet=pipeline.unet, scheduler=scheduler_class.from_config(pipeline.scheduler.config))
     swapped.register_to_config(_name_or_path=pipeline.name_or_path)  # where its coupling record lies
     return swapped
@@ -206,6 +212,9 @@ def main(argv=None) -> dict | None:
         is_main = accelerator.is_main_process
         pipeline = load_pipeline(args, accelerator)
         steps = args.num_inference_steps or default_inference_steps(pipeline)
+        if args.timesteps:
+            steps = [len(args.timesteps)]  # recorded as the step count; the timesteps decide
+        pipeline_kwargs = {"timesteps": args.timesteps} if args.timesteps else None
         renoise = set_renoise(args, pipeline, steps)
         if is_main:
             print(f"sampling with {type(pipeline.scheduler).__name__}, {renoise} re-noising")
@@ -215,7 +224,8 @@ def main(argv=None) -> dict | None:
             sample_images(pipeline, num_samples, batch_size=args.batch_size, seed=args.seed,
                           num_inference_steps=steps[0], eta=args.eta,
                           prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
-                          accelerator=accelerator, output_dir=args.save_images, keep_in_memory=False)
+                          accelerator=accelerator, output_dir=args.save_images, keep_in_memory=False,
+                          pipeline_kwargs=pipeline_kwargs)
             if is_main:
                 print(f"wrote {num_samples} images to {args.save_images} with {accelerator.num_processes} process(es)")
             return None
@@ -229,12 +239,12 @@ def main(argv=None) -> dict | None:
                 batch_size=args.batch_size, seed=args.seed, num_inference_steps=num_steps, eta=args.eta,
                 prompts=prompts.prompts if prompts else None, guidance_scale=args.guidance_scale,
                 accelerator=accelerator, output_dir=save_images, kid_subsets=args.kid_subsets,
-                kid_subset_size=args.kid_subset_size, **extractor_args)
+                kid_subset_size=args.kid_subset_size, pipeline_kwargs=pipeline_kwargs, **extractor_args)
         # One step count: its record, as always; several: one record per count, keyed by it.
         result = results[steps[0]] if len(steps) == 1 else {
             "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
         result.update(scheduler=type(pipeline.scheduler).__name__, renoise=renoise, eta=args.eta,
-                      matched_steps=args.matched_steps if renoise == "matched" else None)
+                      timesteps=args.timesteps, matched_steps=args.matched_steps if renoise == "matched" else None)
     if is_main:
         source = args.model or args.images
         result["source"] = os.path.abspath(source)
