@@ -82,3 +82,37 @@ def test_unet_step_cost_times_each_shape_side_by_side_and_writes_md_and_json(tmp
     assert all(f"| {row['update']} | {row['ms_median']:.2f} |" in out for row in updates)
     assert (tmp_path / "cost.md").read_text().strip() == out.strip()
     assert json.loads((tmp_path / "cost.json").read_text())["rows"] == report["rows"]
+
+
+def test_demo_sampler_check_scores_every_method_with_every_sampler(tmp_path):
+    """benchmarks/demo_samplers.py on two tiny saved models (no training): one evaluate run per score, kept,
+    vanilla's matched sampler scored as its independent one, a table per sampler."""
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    from immiscible_pipeline import TrainingCoupling
+
+    module = load_benchmark("demo_samplers")
+    work = tmp_path / "work"
+    for name in ("none", "linear"):
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           norm_num_groups=4)
+        folder = work / f"ddim-{name}-seed0"
+        DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=50)).save_pretrained(folder)
+        TrainingCoupling(method=name, group_size=4).save(str(folder))
+    argv = ["--family", "ddim", "--methods", "none", "linear", "--samplers", "ddim-2", "ddpm-2", "ddpm-2-matched",
+            "--num_samples", "8", "--num_reference", "40", "--classifier_steps", "20", "--work_dir", str(work),
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    result = module.main(argv)
+    scores = result["scores"]
+    assert scores["none/seed0/ddpm-2-matched"] == scores["none/seed0/ddpm-2"]  # nothing to match
+    assert scores["linear/seed0/ddpm-2-matched"]["renoise"] == "matched"
+    assert scores["linear/seed0/ddpm-2-matched"]["fid"] != scores["linear/seed0/ddpm-2"]["fid"]
+    assert scores["linear/seed0/ddim-2"]["scheduler"] == "DDIMScheduler"
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| DDPM ancestral, 2 steps, matched re-noising |" in table and "linear: readable" in table
+    kept = sorted(p.name for p in (work / "scores").glob("*.json"))
+    assert len(kept) == 5  # 3 samplers for linear, 2 for vanilla (its matched one is its independent one)
+    assert module.main(argv)["scores"] == scores  # read back, not sampled again
