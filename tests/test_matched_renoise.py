@@ -17,6 +17,8 @@ from immiscible_pipeline.renoise.matched_renoise import CoupledNoise, assigned_i
 GREY_UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
              "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}
+# diffusers' Karras-style schedulers hand torch tensors to numpy: thousands of numpy 2 deprecation warnings
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 LINEAR4 = TrainingCoupling(method="linear", group_size=4)
 KNN3 = TrainingCoupling(method="knn", k=3, group_size=4)
 
@@ -161,7 +163,6 @@ def test_the_injected_noise_reaches_the_step_as_stock_ddim_would_use_it(unet):
     assert torch.equal(matched, expected)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 on the scheduler's sigma tensors
 def test_euler_ancestral_is_coupled_in_a_hand_written_loop(unet):
     def run(scheduler):
         scheduler.set_timesteps(4)

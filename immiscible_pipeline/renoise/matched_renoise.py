@@ -105,7 +105,8 @@ def nearest_of_k(clean: torch.Tensor, first: torch.Tensor, others: list[torch.Te
 
 def assigned_in_groups(clean: torch.Tensor, fresh: torch.Tensor, group_size: int, draw) -> torch.Tensor:
     """Consecutive groups of `group_size` samples, each given the minimum total-L2 assignment of its noise; a
-    short last group picks its noises among `group_size` draws (its own plus extra ones), as training would have."""
+    short last group picks its noises among `group_size` draws (its own plus extra ones) instead of being paired
+    alone or in a small group, which would couple it less than training did."""
     batch = clean.shape[0]
     short = batch % group_size
     extra = None
@@ -117,8 +118,9 @@ def assigned_in_groups(clean: torch.Tensor, fresh: torch.Tensor, group_size: int
     out = torch.empty_like(fresh)
     for start in range(0, batch, group_size):
         stop = min(start + group_size, batch)
-        noises = fresh[start:stop] if extra is None or stop - start == group_size else torch.cat([fresh[start:stop],
-                                                                                                   extra])
+        noises = fresh[start:stop]
+        if stop - start < group_size:
+            noises = torch.cat([noises, extra])  # the short group's pool
         cost = torch.cdist(clean[start:stop].reshape(stop - start, -1).double().cpu(),
                            noises.reshape(noises.shape[0], -1).double().cpu())
         rows, cols = linear_sum_assignment(cost.numpy())
