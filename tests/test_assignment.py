@@ -283,3 +283,16 @@ def test_bad_inputs_are_rejected_with_the_problem_named():
         imm(torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="call imm\\(x0\\)"):
         ImmiscibleNoise("knn").assign(x0, torch.randn_like(x0))
+
+
+def test_the_finiteness_check_sees_every_value_but_not_an_overflowing_sum():
+    from immiscible_pipeline.noise.immiscible_noise import is_finite
+
+    x = torch.randn(64, 32)
+    assert is_finite(x) and is_finite(x.to(torch.float16)) and is_finite(x.to(torch.bfloat16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[40, 7] = bad
+        assert not is_finite(y) and not is_finite(y.to(torch.bfloat16))
+    big = torch.full((4, 4), 3e38)  # finite values whose float32 sum overflows
+    assert is_finite(big) and is_finite(torch.full((100_000,), 60_000.0, dtype=torch.float16))

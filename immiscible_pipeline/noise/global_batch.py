@@ -51,7 +51,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .immiscible_noise import as_group_tensor, AssignmentStats, can_repair, draw_noise, ImmiscibleNoise
+from .immiscible_noise import as_group_tensor, AssignmentStats, can_repair, draw_noise, ImmiscibleNoise, is_finite
 from .linear_assignment import COST_DTYPE_CHOICES, SOLVERS, assignment_permutation, pairwise_l2
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def _local_error(x0, noise, groups) -> tuple[str | None, torch.Tensor | None]:
     if noise.device != x0.device:
         return f"noise is on {noise.device} but x0 on {x0.device}", None
     for name, tensor in (("x0", x0), ("noise", noise)):
-        if not torch.isfinite(tensor).all():
+        if not is_finite(tensor):
             return f"{name} contains NaN or inf values", None
     if groups is None:
         return None, None

