@@ -48,8 +48,9 @@ from immiscible_pipeline.training.prompted_data import (add_prompted_data_argume
                                                         load_prompted_dataset, make_optimizer)
 from immiscible_pipeline.training.sample_grids import image_grid, log_images, sample_images
 from immiscible_pipeline.training.step_bookkeeping import TrainingProgress
-from immiscible_pipeline.training.transformer_lora import (add_transformer_lora, lora_target_modules,
-                                                           register_transformer_lora_hooks, save_transformer_lora)
+from immiscible_pipeline.training.transformer_lora import (add_text_encoder_lora, add_transformer_lora,
+                                                           average_gradients, lora_target_modules, register_lora_hooks,
+                                                           save_lora)
 
 logger = get_logger(__name__, log_level="INFO")
 DEFAULT_CACHE_FOLDER = "latent_cache"  # inside --output_dir, for a bare --cache_latents
@@ -75,6 +76,13 @@ def parse_args(input_args=None):
                        help='Comma-separated transformer modules to adapt, e.g. "attn.to_k,attn.to_q,attn.to_v,'
                             'attn.to_out.0". Default: the attention (and for Flux feed-forward) projections, as '
                             "diffusers' scripts.")
+    model.add_argument("--train_text_encoder", action="store_true",
+                       help="Also train a LoRA (the same rank) on the CLIP text encoder(s) (SD3: both, Flux: its one; "
+                            "T5 stays frozen), as diffusers' scripts; their embeddings are then computed every step.")
+    model.add_argument("--text_encoder_lr", type=float, default=5e-6,
+                       help="Learning rate of the text encoders' LoRA (not scaled by --scale_lr, as in diffusers).")
+    model.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3,
+                       help="Weight decay of the text encoders' LoRA.")
     model.add_argument("--lora_blocks", type=str, default=None,
                        help='Comma-separated transformer block numbers to adapt (e.g. "0,12"; the double-stream '
                             "`transformer_blocks`). Default: all.")
@@ -161,6 +169,9 @@ def check_args(args):
             None, None, None, 0.0):
         raise ValueError("--lora_alpha, --lora_layers, --lora_blocks and --lora_dropout configure a LoRA, and --rank 0 "
                          "fine-tunes the whole transformer: pass --rank N, or drop them")
+    if args.train_text_encoder and not args.rank:
+        raise ValueError("--train_text_encoder trains a LoRA of the text encoders next to the transformer's (--rank N); "
+                         "with --rank 0 (the whole transformer) it is not supported: drop one of them")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if family.name == "flux" and args.precondition_outputs is not None:
@@ -214,7 +225,15 @@ def main(args):
     text_pipeline = pipeline_class.from_pretrained(transformer=None, vae=None, variant=args.variant, **precision,
                                                    **pretrained)
     text_pipeline.to(accelerator.device)
-    prompt_embeddings = PromptEmbeddings(text_pipeline, args.max_sequence_length)  # once per distinct prompt
+    text_encoders = {}  # the CLIP encoders with a LoRA (--train_text_encoder), by pipeline component name
+    text_encoder_parameters = []
+    if args.train_text_encoder:
+        text_encoders = {name: getattr(text_pipeline, name) for name in family.clip_text_encoders}
+        for encoder in text_encoders.values():
+            text_encoder_parameters += add_text_encoder_lora(encoder, args.rank)
+            encoder.train()
+    # Frozen encoders run once per distinct prompt; trained ones every step, with gradients.
+    prompt_embeddings = PromptEmbeddings(text_pipeline, args.max_sequence_length, trained=args.train_text_encoder)
     vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
     vae.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
     transformer = load_transformer(pipeline_class, args)
@@ -222,7 +241,7 @@ def main(args):
         transformer.to(accelerator.device, frozen_dtype)
         modules = lora_target_modules(family.lora_target_modules, args.lora_layers, args.lora_blocks)
         trainable = add_transformer_lora(transformer, args.rank, args.lora_alpha, args.lora_dropout, modules)
-        register_transformer_lora_hooks(accelerator, pipeline_class)  # checkpoints hold the LoRA file
+        register_lora_hooks(accelerator, pipeline_class, text_encoders)  # checkpoints hold the LoRA file
     else:
         trainable = list(transformer.parameters())
         register_checkpoint_hooks(accelerator, model_folder="transformer")
@@ -247,7 +266,11 @@ def main(args):
     if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
                                            accelerator.num_processes):
         logger.warning(warning)  # linear assignment of batches of one: vanilla training
-    optimizer, learning_rate = make_optimizer(trainable, args, accelerator)
+    parameter_groups = [{"params": trainable}]
+    if text_encoder_parameters:  # diffusers' second group: its own learning rate and weight decay
+        parameter_groups.append({"params": text_encoder_parameters, "lr": args.text_encoder_lr,
+                                 "weight_decay": args.adam_weight_decay_text_encoder})
+    optimizer, learning_rate = make_optimizer(parameter_groups, args, accelerator)
 
     lr_scheduler, max_train_steps = make_lr_scheduler(args, optimizer, len(loader), accelerator, args.num_train_epochs)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
@@ -298,8 +321,10 @@ def main(args):
                 loss = flow_matching_loss(model_pred, latents, noise, noisy_latents, sigmas, args.weighting_scheme,
                                           bool(args.precondition_outputs))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    average_gradients(text_encoder_parameters, accelerator)  # outside DDP: averaged here
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable + text_encoder_parameters, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -324,7 +349,7 @@ def main(args):
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(transformer)
         if args.rank:  # the LoRA file only; its samples come from the base pipeline with it loaded, as users will
-            saved = save_transformer_lora(pipeline_class, transformer, args.output_dir)
+            saved = save_lora(pipeline_class, {"transformer": transformer, **text_encoders}, args.output_dir)
             pipeline = None
             if validate:
                 pipeline = pipeline_class.from_pretrained(variant=args.variant, **precision, **pretrained)
@@ -340,7 +365,7 @@ def main(args):
                    "global_step": global_step, "dataset": data.description, "num_images": len(data.dataset),
                    "caption_column": data.caption_column, "class_names": data.captioner.class_names,
                    "scaled_learning_rate": learning_rate, "mixed_precision": accelerator.mixed_precision,
-                   "text_encoder_passes": prompt_embeddings.encoded}
+                   "prompts_encoded": prompt_embeddings.encoded}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
@@ -375,7 +400,10 @@ def save_samples(accelerator, args, pipeline, step, path):
 
 def transformer_kind(args) -> str:
     """How the transformer is trained, for the log and the model card."""
-    return f"LoRA rank {args.rank}, alpha {args.lora_alpha:g}" if args.rank else "fine-tuned (whole)"
+    if not args.rank:
+        return "fine-tuned (whole)"
+    return f"LoRA rank {args.rank}, alpha {args.lora_alpha:g}" + (" (and CLIP text encoders)" if
+                                                                  args.train_text_encoder else "")
 
 
 def push_to_hub(args, repo_id, summary):

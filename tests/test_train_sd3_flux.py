@@ -135,10 +135,12 @@ def test_diffusers_lora_test_commands_run_unchanged(family, trainer, tiny_models
     assert checkpoints(multiple) == {"checkpoint-6", "checkpoint-8"}
     assert len(scalars(multiple)["loss"]) == 4  # the resumed run trained steps 5 to 8 only
 
-    # test_dreambooth_lora_text_encoder_*: refused by name (the text encoders stay frozen here)
-    with pytest.raises(ValueError, match="--train_text_encoder .* is not supported: the text encoders stay frozen"):
-        trainer.parse_args([str(arg) for arg in diffusers_command(model, instance_images, tmp_path / "te",
-                                                                  "--train_text_encoder")])
+    # test_dreambooth_lora_text_encoder_*: a LoRA on the CLIP encoder(s) too (T5 stays frozen)
+    run(trainer, diffusers_command(model, instance_images, tmp_path / "te", "--train_text_encoder"))
+    prefixes = {key.split(".")[0] for key in lora_keys(tmp_path / "te")}
+    assert prefixes == ({"transformer", "text_encoder", "text_encoder_2"} if family == "sd3" else
+                        {"transformer", "text_encoder"})
+    assert summary(tmp_path / "te")["prompts_encoded"] == 2  # trained encoders: every sample (batch 1) of 2 steps
 
 
 # --- launched runs -----------------------------------------------------------------------------------------------
@@ -171,40 +173,47 @@ def test_launched_lora_loads_in_plain_diffusers_and_changes_the_output(family, t
     assert Image.open(tmp_path / "samples.png").tobytes() == image_grid(images).tobytes()
 
 
-def test_two_processes_assign_the_global_batch(tiny_models, instance_images, tmp_path):
-    launch(SCRIPT, lora_run_command(tiny_models["flux"], instance_images, tmp_path, 2, "--immiscible", "linear",
-                                    "--assignment_scope", "global", "--immiscible_groups", "label",
-                                    "--train_batch_size", 1), processes=2)
+def test_two_processes_assign_the_global_batch_and_train_alike(tiny_models, instance_images, tmp_path):
+    """Flux with linear assignment over both processes' samples, per-prompt groups, and the text encoder's LoRA
+    (trained outside DDP, its gradients averaged by the script): both processes end with the same weights."""
+    launch(REPO / "tests" / "scripts" / "flow_trainer_ranks.py", lora_run_command(
+        tiny_models["flux"], instance_images, tmp_path, 2, "--immiscible", "linear", "--assignment_scope", "global",
+        "--immiscible_groups", "label", "--train_batch_size", 1, "--train_text_encoder", "--text_encoder_lr", "1e-2",
+        "--caption_dropout", "0.5"), processes=2)
     assert summary(tmp_path)["num_processes"] == 2  # really two processes, not two unsynchronised single ones
     logged = scalars(tmp_path)
     assert logged["immiscible/num_processes"] == [2.0, 2.0]
     assert logged["immiscible/batch_size"] == [2.0, 2.0]  # one sample per process, assigned together
-    assert (tmp_path / LORA_WEIGHTS_NAME).is_file()
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert any(key.startswith("text_encoder.") for key in ranks[0]) and ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])  # other samples, the same update
 
 
 # --- in this process ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_lora_resumes_exactly_with_validation_and_writes_a_lora_card(family, trainer, tiny_models, instance_images,
-                                                                    tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, text_encoder", [("sd3", False), ("flux", False), ("flux", True)])
+def test_lora_resumes_exactly_with_validation_and_writes_a_lora_card(family, text_encoder, trainer, tiny_models,
+                                                                    instance_images, tmp_path, monkeypatch):
     first, resumed = tmp_path / "first", tmp_path / "resumed"
+    extra = ["--train_text_encoder", "--text_encoder_lr", "1e-3"] if text_encoder else []
     monkeypatch.setattr(hub, "create_repo", lambda **kwargs: type("Repo", (), {"repo_id": "me/tiny-lora"})())
     monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: None)
-    run(trainer, lora_run_command(tiny_models[family], instance_images, first, 4, "--push_to_hub"))
+    run(trainer, lora_run_command(tiny_models[family], instance_images, first, 4, "--push_to_hub", *extra))
     resumed.mkdir()
     shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
     run(trainer, lora_run_command(tiny_models[family], instance_images, resumed, 4, "--resume_from_checkpoint",
-                                  "latest", *VALIDATION, "--validation_steps", 3))
+                                  "latest", *VALIDATION, "--validation_steps", 3, *extra))
     final, again = load_file(first / LORA_WEIGHTS_NAME), load_file(resumed / LORA_WEIGHTS_NAME)
     assert final.keys() == again.keys() and all(torch.equal(final[key], again[key]) for key in final)
+    assert any(key.startswith("text_encoder.") for key in final) == text_encoder
     assert (resumed / "samples" / "step-000003.png").is_file()
     assert sorted(path.name for path in (first / "checkpoint-2").iterdir() if path.suffix != ".json") == [
         "optimizer.bin", LORA_WEIGHTS_NAME, "random_states_0.pkl", "scheduler.bin"]  # no copy of the frozen base
-    assert summary(first)["text_encoder_passes"] == 1  # one prompt: encoded once for the whole run
+    # One prompt: frozen encoders run once for the whole run, trained ones on every sample of every step.
+    assert summary(first)["prompts_encoded"] == (4 * 2 if text_encoder else 1)
     card = (first / "README.md").read_text()
     for text in ("- lora", "- immiscible-knn", f"- {family}", f"base_model: {tiny_models[family]}",
-                 f"Trigger prompt: `{PROMPT}`", "| transformer | LoRA rank 4, alpha 4 |",
-                 'pipeline.load_lora_weights("me/tiny-lora")'):
+                 f"Trigger prompt: `{PROMPT}`", "| transformer | LoRA rank 4, alpha 4", 'load_lora_weights("me/tiny-lora")'):
         assert text in card, text
 
 
@@ -316,6 +325,7 @@ def test_the_gpu_page_commands_run_one_step_on_the_tiny_models(trainer, tiny_mod
     (["--resolution", "40"], "--resolution must be a multiple of 16"),
     (["--optimizer", "prodigy"], "--optimizer prodigy is not supported"),
     (["--rank", "0", "--lora_layers", "attn.to_k"], "--lora_alpha, --lora_layers, .* configure a LoRA"),
+    (["--rank", "0", "--train_text_encoder"], "--train_text_encoder trains a LoRA of the text encoders"),
     (["--lr_power", "2"], "--lr_power is not supported"),
     (["--weighting_scheme", "uniform"], None),  # argparse's own choice error
 ])

@@ -35,6 +35,7 @@ class FlowFamily:
     weighting_scheme: str  # diffusers' default for this family's script
     max_sequence_length: int  # T5 tokens, diffusers' default for this family's script
     lora_target_modules: tuple
+    clip_text_encoders: tuple  # what --train_text_encoder adapts (T5 stays frozen, as in diffusers' scripts)
 
     @property
     def pipeline_class(self):
@@ -59,8 +60,9 @@ FLUX_LORA_MODULES = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "at
                      "ff_context.net.2")
 
 FLOW_FAMILIES = {
-    "sd3": FlowFamily("sd3", "StableDiffusion3Pipeline", "logit_normal", 77, SD3_LORA_MODULES),
-    "flux": FlowFamily("flux", "FluxPipeline", "none", 512, FLUX_LORA_MODULES),
+    "sd3": FlowFamily("sd3", "StableDiffusion3Pipeline", "logit_normal", 77, SD3_LORA_MODULES,
+                      ("text_encoder", "text_encoder_2")),
+    "flux": FlowFamily("flux", "FluxPipeline", "none", 512, FLUX_LORA_MODULES, ("text_encoder",)),
 }
 PIPELINE_FAMILIES = {family.pipeline_class_name: family for family in FLOW_FAMILIES.values()}
 

@@ -1,14 +1,13 @@
-"""Prompts for the SD3 / Flux trainer: samples that carry the prompt text, and the frozen text encoders'
-embeddings, computed once per distinct prompt and kept.
+"""Prompts for the SD3 / Flux trainer: samples that carry the prompt text, and the text encoders' embeddings,
+computed once per distinct prompt and kept while the encoders are frozen.
 
     samples = PromptTexts(images_or_cached_latents, captioner, caption_key)    # {"prompt": str, "group": int}
     text = PromptEmbeddings(text_pipeline, max_sequence_length=77)
     embeddings = text(batch["prompt"])     # {"prompt_embeds", "pooled_prompt_embeds"[, "text_ids"]}
 
-The encoders are frozen (diffusers' scripts train them only with --train_text_encoder), so a prompt always
-encodes to the same tensors: a DreamBooth run with one instance prompt runs its three encoders (SD3) or two
-(Flux) once, not every step. The pipeline's own `encode_prompt` does the encoding, so the embeddings are
-exactly those the pipeline computes at sampling time.
+Frozen encoders (without --train_text_encoder) encode a prompt always to the same tensors: a DreamBooth run with
+one instance prompt runs its three encoders (SD3) or two (Flux) once, not every step. The pipeline's own
+`encode_prompt` does the encoding, so the embeddings are exactly those the pipeline computes at sampling time.
 """
 
 from __future__ import annotations
@@ -38,12 +37,15 @@ class PromptTexts(PromptedSamples):
 
 
 class PromptEmbeddings:
-    """The text embeddings of a batch of prompts from a pipeline's frozen text encoders (`pipeline.encode_prompt`
-    of a StableDiffusion3Pipeline or FluxPipeline loaded without transformer and VAE), kept for the last
-    PROMPT_CACHE_SIZE distinct prompts."""
+    """The text embeddings of a batch of prompts from a pipeline's text encoders (`pipeline.encode_prompt` of a
+    StableDiffusion3Pipeline or FluxPipeline loaded without transformer and VAE). Frozen encoders: kept for the
+    last PROMPT_CACHE_SIZE distinct prompts. `trained=True` (a LoRA on the CLIP encoders): computed every call,
+    with gradients."""
 
-    def __init__(self, pipeline, max_sequence_length: int, cache_size: int = PROMPT_CACHE_SIZE):
+    def __init__(self, pipeline, max_sequence_length: int, cache_size: int = PROMPT_CACHE_SIZE,
+                 trained: bool = False):
         self.pipeline, self.max_sequence_length, self.cache_size = pipeline, max_sequence_length, cache_size
+        self.trained = trained
         self.cache: OrderedDict[str, dict] = OrderedDict()
         self.encoded = 0  # prompts run through the encoders (for tests and logs)
 
@@ -51,11 +53,14 @@ class PromptEmbeddings:
     def device(self) -> torch.device:
         return self.pipeline.text_encoder.device
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict:
         """Runs the encoders on `prompts`: {"prompt_embeds": [B, tokens, width], "pooled_prompt_embeds": [B, width]
-        and, for Flux, "text_ids": [tokens, 3]}."""
+        and, for Flux, "text_ids": [tokens, 3]}; with gradients only if the encoders train."""
         self.encoded += len(prompts)
+        with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> dict:
         if type(self.pipeline).__name__.startswith("StableDiffusion3"):
             embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, None, None, device=self.device,
                                                                do_classifier_free_guidance=False,
@@ -67,6 +72,8 @@ class PromptEmbeddings:
 
     def __call__(self, prompts) -> dict:
         prompts = list(prompts)
+        if self.trained:
+            return self.encode(prompts)
         new = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self.cache))
         if new:
             encoded = self.encode(new)
