@@ -31,8 +31,8 @@ from benchmarks.sampler_study import Sampler, parse_sampler  # noqa: E402
 
 SAMPLERS = {
     "cm": ["cm-1", "cm-2", "cm-2-matched", "cm-2-mid24", "cm-2-mid24-matched", "cm-4", "cm-4-matched"],
-    "ddim": ["ddim-10", "ddim-50", "ddim-10-eta1", "ddim-10-eta1-matched", "ddim-50-eta1", "ddim-50-eta1-matched",
-             "ddpm-10", "ddpm-10-matched", "ddpm-50", "ddpm-50-matched", "ddpm-50-matched10"],
+    "ddim": ["ddim-10", "ddim-10-eta1", "ddim-10-eta1-matched", "ddpm-10", "ddpm-10-matched", "ddpm-50",
+             "ddpm-50-matched", "ddpm-50-matched10", "ddim-50", "ddim-50-eta1", "ddim-50-eta1-matched"],
 }
 METHODS = {"cm": ["none", "linear", "knn4"], "ddim": ["none", "linear", "knn8"]}
 
