@@ -1,10 +1,12 @@
 """train_immiscible_sd3_flux.py on tiny SD3 and Flux pipelines built from configs (offline).
 
-Launched (`accelerate launch`): one LoRA run per family (4 steps, validation images at the end), and one
-2-process Flux run with linear assignment over the global batch.
+Launched (`accelerate launch`): a Flux LoRA run (4 steps, validation images at the end); an SD3 run stopped by
+Ctrl-C and resumed from its checkpoint; a 2-process Flux run with linear assignment over the global batch and
+the text encoder's LoRA. The LoRAs load in plain diffusers and change its output.
 In this process (seconds each): diffusers' own example-test command lines for train_dreambooth_lora_sd3.py and
 train_dreambooth_lora_flux.py (flags verbatim), exact resume, whole-transformer fine-tuning, the assignment's
-place in the loop (Flux: before packing; the loss built from the assigned noise), and bad input.
+place in the loop (Flux: before packing; the loss built from the assigned noise), captions, the page's GPU
+commands, and bad input.
 """
 
 import json
@@ -19,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import write_images
-from sd_fixtures import one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
+from launching import interrupt_after_first_step, launch_command, launch_environment
+from sd_fixtures import captioned_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
 from trainer_runs import launch, load_script, run_with_warnings as run, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
@@ -155,22 +158,38 @@ def lora_run_command(model, images, output_dir, max_train_steps=4, *extra):
 VALIDATION = ["--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_launched_lora_loads_in_plain_diffusers_and_changes_the_output(family, tiny_models, instance_images,
-                                                                       tmp_path):
-    model, pipeline_class = tiny_models[family], PIPELINES[family]
-    launch(SCRIPT, lora_run_command(model, instance_images, tmp_path, 4, *VALIDATION))
-    assert summary(tmp_path)["num_processes"] == 1 and summary(tmp_path)["family"] == family
-    assert not (tmp_path / "model_index.json").exists()  # the LoRA file only
-    pipeline = pipeline_class.from_pretrained(model)
+def assert_the_lora_loads_and_changes_the_output(family, model, output_dir):
+    """Plain diffusers: the base pipeline with `load_lora_weights(output_dir)` generates something else, and the
+    run's final validation grid (`samples.png`) is exactly what it generates."""
+    pipeline = PIPELINES[family].from_pretrained(model)
     base = generate(pipeline)
-    pipeline.load_lora_weights(tmp_path)
+    pipeline.load_lora_weights(output_dir)
     assert abs(generate(pipeline) - base).max() > 1e-3
-    # The final validation images are what a user gets: the base pipeline with the saved file loaded.
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(PROMPT, num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                       generator=torch.Generator().manual_seed(0)).images
-    assert Image.open(tmp_path / "samples.png").tobytes() == image_grid(images).tobytes()
+    assert Image.open(output_dir / "samples.png").tobytes() == image_grid(images).tobytes()
+
+
+def test_launched_flux_lora_loads_in_plain_diffusers_and_changes_the_output(tiny_models, instance_images, tmp_path):
+    launch(SCRIPT, lora_run_command(tiny_models["flux"], instance_images, tmp_path, 4, *VALIDATION))
+    assert summary(tmp_path)["num_processes"] == 1 and summary(tmp_path)["family"] == "flux"
+    assert not (tmp_path / "model_index.json").exists()  # the LoRA file only
+    assert_the_lora_loads_and_changes_the_output("flux", tiny_models["flux"], tmp_path)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffusers(tiny_models, instance_images, tmp_path):
+    flags = lora_run_command(tiny_models["sd3"], instance_images, tmp_path, 100000, "--checkpointing_steps", 100000)
+    result = interrupt_after_first_step(launch_command(1, SCRIPT, *flags), timeout=300, env=launch_environment())
+    assert "SIGINT received" in result.stdout and result.returncode != 0, result.stdout[-4000:]
+    (saved,) = tmp_path.glob("checkpoint-*")
+    assert f"Interrupted at step {saved.name.removeprefix('checkpoint-')}:" in result.stdout
+    assert (saved / LORA_WEIGHTS_NAME).is_file() and not (tmp_path / LORA_WEIGHTS_NAME).exists()
+    step = int(saved.name.removeprefix("checkpoint-"))
+    launch(SCRIPT, lora_run_command(tiny_models["sd3"], instance_images, tmp_path, step + 2,
+                                    "--resume_from_checkpoint", "latest", *VALIDATION))
+    assert summary(tmp_path)["global_step"] == step + 2 and summary(tmp_path)["family"] == "sd3"
+    assert_the_lora_loads_and_changes_the_output("sd3", tiny_models["sd3"], tmp_path)
 
 
 def test_two_processes_assign_the_global_batch_and_train_alike(tiny_models, instance_images, tmp_path):
@@ -227,6 +246,19 @@ def test_rank_0_fine_tunes_the_whole_transformer_into_a_stock_pipeline(family, t
     assert (tmp_path / "checkpoint-1" / "transformer" / "config.json").is_file()
     base = PIPELINES[family].from_pretrained(tiny_models[family])
     assert abs(generate(pipeline) - generate(base)).max() > 1e-3
+
+
+def test_captions_win_over_the_instance_prompt_and_group_the_assignment(trainer, tiny_models, captioned_folder,
+                                                                       tmp_path):
+    """diffusers' scripts: with --caption_column the captions are the prompts (the instance prompt only names the
+    LoRA); per-prompt groups of distinct captions leave linear assignment nothing to re-pair."""
+    run(trainer, ["--pretrained_model_name_or_path", tiny_models["flux"], "--instance_data_dir", captioned_folder,
+                  "--caption_column", "text", "--instance_prompt", PROMPT, "--resolution", 16, "--train_batch_size", 4,
+                  "--max_train_steps", 2, "--max_sequence_length", 16, "--immiscible", "linear",
+                  "--immiscible_groups", "label", "--seed", 0, "--output_dir", tmp_path])
+    config = summary(tmp_path)
+    assert config["caption_column"] == "text" and config["prompts_encoded"] > 2  # captions, not the one prompt
+    assert scalars(tmp_path)["immiscible/relative_reduction"] == [0.0, 0.0]  # every caption its own group
 
 
 def spy_on_the_loop(trainer, monkeypatch) -> dict:
