@@ -77,8 +77,9 @@ def parse_args(input_args=None):
                             'attn.to_out.0". Default: the attention (and for Flux feed-forward) projections, as '
                             "diffusers' scripts.")
     model.add_argument("--train_text_encoder", action="store_true",
-                       help="Also train a LoRA (the same rank) on the CLIP text encoder(s) (SD3: both, Flux: its one; "
-                            "T5 stays frozen), as diffusers' scripts; their embeddings are then computed every step.")
+                       help="Also train a LoRA (the same rank and alpha) on the CLIP text encoder(s) (SD3: both, "
+                            "Flux: its one; T5 stays frozen), as diffusers' scripts; their embeddings are then "
+                            "computed every step.")
     model.add_argument("--text_encoder_lr", type=float, default=5e-6,
                        help="Learning rate of the text encoders' LoRA (not scaled by --scale_lr, as in diffusers).")
     model.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3,
@@ -170,8 +171,8 @@ def check_args(args):
         raise ValueError("--lora_alpha, --lora_layers, --lora_blocks and --lora_dropout configure a LoRA, and --rank 0 "
                          "fine-tunes the whole transformer: pass --rank N, or drop them")
     if args.train_text_encoder and not args.rank:
-        raise ValueError("--train_text_encoder trains a LoRA of the text encoders next to the transformer's (--rank N); "
-                         "with --rank 0 (the whole transformer) it is not supported: drop one of them")
+        raise ValueError("--train_text_encoder trains a LoRA of the text encoders next to the transformer's "
+                         "(--rank N); with --rank 0 (the whole transformer) it is not supported: drop one of them")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if family.name == "flux" and args.precondition_outputs is not None:
@@ -230,7 +231,7 @@ def main(args):
     if args.train_text_encoder:
         text_encoders = {name: getattr(text_pipeline, name) for name in family.clip_text_encoders}
         for encoder in text_encoders.values():
-            text_encoder_parameters += add_text_encoder_lora(encoder, args.rank)
+            text_encoder_parameters += add_text_encoder_lora(encoder, args.rank, args.lora_alpha)
             encoder.train()
     # Frozen encoders run once per distinct prompt; trained ones every step, with gradients.
     prompt_embeddings = PromptEmbeddings(text_pipeline, args.max_sequence_length, trained=args.train_text_encoder)

@@ -13,4 +13,6 @@ Per trainer:
 - pixel space (DDIM, CM): `image_data`, `pixel_trainers`, `unet_presets`; `consistency_training` (iCT).
 - latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`; `tiny_stable_diffusion`
   builds a tiny SD folder from configs for tests and CPU benchmarks.
+- SD3 and Flux (rectified flow): `flow_matching`, `prompt_embeddings`, `transformer_lora`, `prompted_data` (the
+  data and optimiser set-up of the latent, prompted trainers); `tiny_flow_models` builds tiny SD3 / Flux folders.
 """

@@ -5,7 +5,7 @@ loads it: `StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(fold
 
     modules = lora_target_modules(family.lora_target_modules, args.lora_layers, args.lora_blocks)
     parameters = add_transformer_lora(transformer, rank=4, alpha=4, dropout=0.0, target_modules=modules)
-    parameters += add_text_encoder_lora(text_encoder, rank=4)                # with --train_text_encoder
+    parameters += add_text_encoder_lora(text_encoder, rank=4, alpha=4)       # with --train_text_encoder
     register_lora_hooks(accelerator, family.pipeline_class, {"text_encoder": text_encoder})   # checkpoints
     ...train parameters...
     save_lora(family.pipeline_class, {"transformer": accelerator.unwrap_model(transformer),
@@ -67,16 +67,17 @@ def add_transformer_lora(transformer, rank: int, alpha: float | None = None, dro
 TEXT_ENCODER_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention, as diffusers' scripts
 
 
-def add_text_encoder_lora(text_encoder, rank: int) -> list[torch.nn.Parameter]:
-    """A LoRA (alpha = rank, Gaussian init) on a CLIP text encoder's attention projections, as diffusers'
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None) -> list[torch.nn.Parameter]:
+    """A LoRA (alpha default: rank; Gaussian init) on a CLIP text encoder's attention projections, as diffusers'
     --train_text_encoder adds it; returns its parameters in float32, the rest of the encoder frozen. peft's own
     `inject_adapter_in_model`: transformers 5's `add_adapter` wants a newer peft than the registries offer."""
     from diffusers.training_utils import cast_training_params
     from peft import inject_adapter_in_model, LoraConfig
 
     text_encoder.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                       target_modules=list(TEXT_ENCODER_LORA_MODULES)), text_encoder, "default")
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights="gaussian",
+                        target_modules=list(TEXT_ENCODER_LORA_MODULES))
+    inject_adapter_in_model(config, text_encoder, "default")
     cast_training_params(text_encoder, dtype=torch.float32)
     return [param for param in text_encoder.parameters() if param.requires_grad]
 
