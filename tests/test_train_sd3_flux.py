@@ -238,14 +238,24 @@ def test_lora_resumes_exactly_with_validation_and_writes_a_lora_card(family, tex
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_rank_0_fine_tunes_the_whole_transformer_into_a_stock_pipeline(family, trainer, tiny_models,
-                                                                       instance_images, tmp_path):
+                                                                       instance_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "create_repo", lambda **kwargs: type("Repo", (), {"repo_id": "me/tiny-full"})())
+    monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: None)
     run(trainer, lora_run_command(tiny_models[family], instance_images, tmp_path, 2, "--rank", 0,
-                                  "--checkpointing_steps", 1))
+                                  "--checkpointing_steps", 1, "--push_to_hub"))
     pipeline = DiffusionPipeline.from_pretrained(tmp_path)
     assert isinstance(pipeline, PIPELINES[family])
     assert (tmp_path / "checkpoint-1" / "transformer" / "config.json").is_file()
     base = PIPELINES[family].from_pretrained(tiny_models[family])
     assert abs(generate(pipeline) - generate(base)).max() > 1e-3
+    card = (tmp_path / "README.md").read_text()
+    assert "| transformer | fine-tuned (whole) |" in card and 'DiffusionPipeline.from_pretrained("me/tiny-full")' in card
+    assert "- lora" not in card
+
+
+def test_lora_layers_that_match_nothing_are_named(trainer, tiny_models, instance_images, tmp_path):
+    with pytest.raises(ValueError, match="--lora_layers / --lora_blocks: attn.to_kk match no module of the SD3Transformer2DModel"):
+        run(trainer, diffusers_command(tiny_models["sd3"], instance_images, tmp_path, "--lora_layers", "attn.to_kk"))
 
 
 def test_captions_win_over_the_instance_prompt_and_group_the_assignment(trainer, tiny_models, captioned_folder,

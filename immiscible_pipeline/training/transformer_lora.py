@@ -58,8 +58,10 @@ def add_transformer_lora(transformer, rank: int, alpha: float | None = None, dro
     try:
         transformer.add_adapter(config)
     except ValueError as error:
-        raise ValueError(f"--lora_layers / --lora_blocks: {list(target_modules)[:4]}... match no module of the "
-                         f"{type(transformer).__name__} ({error})") from error
+        modules = list(target_modules)
+        shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+        raise ValueError(f"--lora_layers / --lora_blocks: {shown} match no module of the {type(transformer).__name__} "
+                         f"({error})") from error
     cast_training_params(transformer, dtype=torch.float32)
     return [param for param in transformer.parameters() if param.requires_grad]
 
