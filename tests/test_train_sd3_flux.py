@@ -520,3 +520,19 @@ def test_flow_family_reads_model_index(tiny_models, tmp_path):
     assert flow_family(tiny_models["sd3"]).name == "sd3" and flow_family(tiny_models["flux"]).name == "flux"
     with pytest.raises(ValueError, match="no such folder"):
         flow_family(str(tmp_path / "missing" / "model"))
+
+
+def test_the_memory_table_is_the_benchmarks_output(capsys):
+    """benchmarks/flow_memory.py counts the real models' sizes from their configs (on the meta device): its
+    transformer totals are the published ones, and the page shows its rows as printed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flow_memory", REPO / "benchmarks" / "flow_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| SD3.5") or
+            line.startswith("| FLUX")]
+    assert rows[0].startswith("| SD3.5 medium | 2.47B |") and rows[1].startswith("| FLUX.1 [dev] | 11.90B |")
+    page = (REPO / "docs" / "train-sd3-flux.md").read_text()
+    assert all(row in page for row in rows)
