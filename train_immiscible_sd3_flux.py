@@ -43,7 +43,7 @@ from immiscible_pipeline.training.hub_publishing import (CHECKPOINT_PATTERNS, ca
                                                          lora_usage, upload_output_folder, write_model_card)
 from immiscible_pipeline.training.image_data import train_dataloader
 from immiscible_pipeline.training.latent_cache import batch_latents
-from immiscible_pipeline.training.prompt_embeddings import PromptEmbeddings, PromptTexts
+from immiscible_pipeline.training.prompt_embeddings import known_prompts, PromptEmbeddings, PromptTexts
 from immiscible_pipeline.training.prompted_data import (add_prompted_data_arguments, latent_training_samples,
                                                         load_prompted_dataset, make_optimizer)
 from immiscible_pipeline.training.sample_grids import image_grid, log_images, sample_images
@@ -261,6 +261,14 @@ def main(args):
                                       {**pretrained, "variant": args.variant, "vae_dtype": str(frozen_dtype)})
     train_samples = PromptTexts(samples, data.captioner, caption_key=data.caption_column)
     loader = train_dataloader(train_samples, args.train_batch_size, args.dataloader_num_workers)
+    validate = bool(args.validation_prompts) and args.num_validation_images > 0
+    prompts = None if args.train_text_encoder else known_prompts(data.captioner, data.dataset)
+    if prompts is not None:  # diffusers frees the encoders of a one-prompt run too; ours go to the CPU
+        prompts += (args.validation_prompts or []) + ([""] if validate and family.name == "sd3" else [])
+        if len(set(prompts)) <= prompt_embeddings.cache_size:
+            prompt_embeddings(prompts)  # every embedding the run will use, kept on the training device
+            prompt_embeddings.offload()
+            logger.info(f"The text encoders are on the CPU: the {len(set(prompts))} prompts of this run are encoded")
 
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
                                   args.assignment_scope, accelerator)
@@ -277,7 +285,6 @@ def main(args):
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
     num_update_steps, num_epochs = epoch_plan(len(loader), args.gradient_accumulation_steps, max_train_steps)
     steps_from_epoch_flags(args, num_update_steps)  # diffusers' --validation_epochs
-    validate = bool(args.validation_prompts) and args.num_validation_images > 0
 
     run_config = {key: value for key, value in vars(args).items() if key != "hub_token"}
     if accelerator.is_main_process:
@@ -338,8 +345,9 @@ def main(args):
                     pipeline = pipeline_class(**{**text_pipeline.components, "vae": vae,
                                                  "scheduler": inference_scheduler,
                                                  "transformer": accelerator.unwrap_model(transformer)})
+                    text = prompt_embeddings.pipeline_inputs(args.validation_prompts, negative=family.name == "sd3")
                     save_samples(accelerator, args, pipeline, step, Path(args.output_dir) / "samples" /
-                                 f"step-{step:06d}.png")
+                                 f"step-{step:06d}.png", text)
             if progress.stopping:
                 break
     progress.close()  # after Ctrl-C / SIGTERM: exits with status 130 (the checkpoint is saved, no pipeline)
@@ -352,7 +360,10 @@ def main(args):
         if args.rank:  # the LoRA file only; its samples come from the base pipeline with it loaded, as users will
             saved = save_lora(pipeline_class, {"transformer": transformer, **text_encoders}, args.output_dir)
             pipeline = None
-            if validate:
+            if validate:  # the training copies make room for the base pipeline the samples come from
+                for model in (transformer, vae, text_pipeline):
+                    model.to("cpu")
+                accelerator.free_memory()
                 pipeline = pipeline_class.from_pretrained(variant=args.variant, **precision, **pretrained)
                 pipeline.load_lora_weights(args.output_dir)
         else:  # the stock pipeline with the trained transformer; the frozen parts in full precision, as loaded
@@ -366,7 +377,8 @@ def main(args):
                    "global_step": global_step, "dataset": data.description, "num_images": len(data.dataset),
                    "caption_column": data.caption_column, "class_names": data.captioner.class_names,
                    "scaled_learning_rate": learning_rate, "mixed_precision": accelerator.mixed_precision,
-                   "prompts_encoded": prompt_embeddings.encoded}
+                   "prompts_encoded": prompt_embeddings.encoded,
+                   "text_encoders_offloaded": prompt_embeddings.offloaded}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
@@ -385,15 +397,16 @@ def load_transformer(pipeline_class, args):
                                                           revision=args.revision, variant=args.variant)
 
 
-def save_samples(accelerator, args, pipeline, step, path):
+def save_samples(accelerator, args, pipeline, step, path, text=None):
     """--num_validation_images per validation prompt with a fixed seed (comparable across steps); saved and logged
-    at `step`."""
+    at `step`. `text`: the prompts' embeddings as pipeline arguments (else the pipeline encodes the prompts)."""
     extra = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
+    text = {"prompt": args.validation_prompts} if text is None else text
     with accelerator.autocast():
-        images = sample_images(pipeline, seed=args.seed or 0, prompt=args.validation_prompts, height=args.resolution,
-                               width=args.resolution, num_inference_steps=args.validation_inference_steps,
+        images = sample_images(pipeline, seed=args.seed or 0, height=args.resolution, width=args.resolution,
+                               num_inference_steps=args.validation_inference_steps,
                                num_images_per_prompt=args.num_validation_images,
-                               max_sequence_length=args.max_sequence_length, **extra)
+                               max_sequence_length=args.max_sequence_length, **text, **extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(path)
     log_images(accelerator, "validation", images, step)

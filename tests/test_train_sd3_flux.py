@@ -31,7 +31,7 @@ from immiscible_pipeline.training.diffusers_example_flags import (Alias, DREAMBO
 from immiscible_pipeline.training.flow_matching import (FLOW_FAMILIES, flow_family, flow_matching_loss, interpolate,
                                                         sample_timesteps)
 from immiscible_pipeline.training.lora import LORA_WEIGHTS_NAME
-from immiscible_pipeline.training.prompt_embeddings import PromptEmbeddings
+from immiscible_pipeline.training.prompt_embeddings import known_prompts, PromptEmbeddings
 from immiscible_pipeline.training.sample_grids import image_grid
 from immiscible_pipeline.training.tiny_flow_models import build_tiny_flux, build_tiny_sd3
 from immiscible_pipeline.training.transformer_lora import lora_target_modules
@@ -230,6 +230,8 @@ def test_lora_resumes_exactly_with_validation_and_writes_a_lora_card(family, tex
         "optimizer.bin", LORA_WEIGHTS_NAME, "random_states_0.pkl", "scheduler.bin"]  # no copy of the frozen base
     # One prompt: frozen encoders run once for the whole run, trained ones on every sample of every step.
     assert summary(first)["prompts_encoded"] == (4 * 2 if text_encoder else 1)
+    # Frozen encoders go to the CPU once the run's prompts (here the validation prompt too) are encoded.
+    assert summary(resumed)["text_encoders_offloaded"] == (not text_encoder)
     card = (first / "README.md").read_text()
     for text in ("- lora", "- immiscible-knn", f"- {family}", f"base_model: {tiny_models[family]}",
                  f"Trigger prompt: `{PROMPT}`", "| transformer | LoRA rank 4, alpha 4", 'load_lora_weights("me/tiny-lora")'):
@@ -508,12 +510,30 @@ def test_prompt_embeddings_are_the_pipelines_and_computed_once_per_prompt(tiny_m
     batch = embeddings(["a", "b", "a"])
     assert embeddings.encoded == 2 and batch["prompt_embeds"].shape == (3, 16, 32)
     assert torch.equal(batch["prompt_embeds"][0], batch["prompt_embeds"][2])
-    direct, pooled, _ = pipeline.encode_prompt(["b"], None, max_sequence_length=16)
-    assert torch.allclose(batch["prompt_embeds"][1], direct[0], atol=1e-5)  # batched with "a": not bit-equal
-    assert torch.allclose(batch["pooled_prompt_embeds"][1], pooled[0], atol=1e-5)
+    with torch.no_grad():  # as the class encodes (attention may take another kernel with gradients)
+        direct, pooled, _ = pipeline.encode_prompt(["b"], None, max_sequence_length=16)
+    # Encoded alone, whatever it was asked with: bit-equal to the pipeline's own encoding of the prompt alone.
+    assert torch.equal(batch["prompt_embeds"][1], direct[0]) and torch.equal(batch["pooled_prompt_embeds"][1], pooled[0])
     embeddings(["c"])  # evicts the least recently used ("b")
     embeddings(["a", "b"])
     assert embeddings.encoded == 4
+
+
+def test_known_prompts_are_a_fixed_small_set_or_none():
+    import datasets
+
+    from immiscible_pipeline.training.captions import Captioner
+
+    labelled = datasets.Dataset.from_dict({"label": [0, 1, 1]}).cast_column(
+        "label", datasets.ClassLabel(names=["tench, Tinca tinca", "goldfish"]))
+    assert known_prompts(Captioner.for_dataset(labelled, "label"), labelled) == ["a photo of a goldfish",
+                                                                                 "a photo of a tench"]
+    assert known_prompts(Captioner.for_dataset(labelled, "label", synonyms="random"), labelled) is None
+    captioned = datasets.Dataset.from_dict({"text": [["a cat"], ["a dog", "a cat"]] * 2})  # lists of captions
+    assert known_prompts(Captioner.for_dataset(captioned, "text", caption_dropout=0.1), captioned) == [
+        "a cat", "a dog", ""]
+    many = datasets.Dataset.from_dict({"text": [f"caption {i}" for i in range(300)]})
+    assert known_prompts(Captioner.for_dataset(many, "text"), many) is None  # more than are kept
 
 
 def test_flow_family_reads_model_index(tiny_models, tmp_path):
