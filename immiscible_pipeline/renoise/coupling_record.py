@@ -86,7 +86,11 @@ class TrainingCoupling:
 def coupling_of_run(method: str, k: int, batch_size: int, scope: str, num_processes: int,
                     num_classes: int | None = None) -> TrainingCoupling:
     """The coupling a trainer's flags give: the assignment group is the per-process batch (times the processes
-    with the global scope); per-class assignment (`num_classes`) splits it into groups of about B / classes."""
+    where the scope, "auto" resolved, is global); per-class assignment (`num_classes`) splits it into groups of
+    about B / classes."""
+    from ..noise.global_batch import resolve_scope
+
+    scope = resolve_scope(scope, batch_size, num_processes)
     group = batch_size * (num_processes if scope == "global" else 1)
     if num_classes:
         group = max(1, round(group / num_classes))
