@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Latent Stable Diffusion training with Immiscible Diffusion: class-conditional (or captioned), from scratch,
 fine-tuned, or a LoRA; saved as a StableDiffusionPipeline (or, with --rank, as LoRA weights for the base model).
+An SDXL model (its model_index.json says StableDiffusionXLPipeline) trains the same way, with its two text
+encoders, pooled embedding and size ids, and is saved as a StableDiffusionXLPipeline (or SDXL LoRA weights).
 
     accelerate launch train_immiscible_sd.py --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
         --dataset_name ILSVRC/imagenet-1k --caption_column label --prompt_template "a photo of a {}" \\
@@ -10,9 +12,9 @@ fine-tuned, or a LoRA; saved as a StableDiffusionPipeline (or, with --rank, as L
         --train_data_dir my_dog/ --instance_prompt "a photo of sks dog" --train_batch_size 2 \\
         --immiscible knn --immiscible_k 4
 
-Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py (their command
-lines work: same flag names, aliases, or an error saying what to use instead; add --rank 4 to a LoRA command
-that relied on the LoRA script's default rank), plus the immiscible flags, prompts made from class names, and
+Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py, and their _sdxl
+versions (their command lines work: same flag names, aliases, or an error saying what to use instead; add
+--rank 4 to a LoRA command that relied on the LoRA script's default rank), plus the immiscible flags, prompts made from class names, and
 a latent cache. The one change to the usual loop: the noise of each micro-batch is drawn and assigned to its
 scaled VAE latents (`noise = immiscible(latents)`) before noise offset, input perturbation and `add_noise`, and
 that assigned noise is what the loss targets.
@@ -37,14 +39,16 @@ from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmu
                                                     assignment_batch_warning, check_common_args, min_snr_gamma)
 from immiscible_pipeline.training.captions import Captioner, prompt_column, PromptedSamples
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
-from immiscible_pipeline.training.diffusers_example_flags import (TEXT_TO_IMAGE_FLAGS, add_diffusers_flags,
-                                                                  steps_from_epoch_flags)
+from immiscible_pipeline.training.diffusers_example_flags import (SDXL_TEXT_TO_IMAGE_FLAGS, TEXT_TO_IMAGE_FLAGS,
+                                                                  add_diffusers_flags, steps_from_epoch_flags)
 from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, lora_usage,
                                                          upload_output_folder, write_model_card)
 from immiscible_pipeline.training.image_data import describe_dataset, load_image_dataset, train_dataloader, TrainImages
 from immiscible_pipeline.training.latent_cache import CACHE_DTYPES, batch_latents, build_latent_cache, CachedLatents
 from immiscible_pipeline.training.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
                                                save_unet_lora)
+from immiscible_pipeline.training.prompt_embeddings import PromptEmbeddings, PromptTexts
+from immiscible_pipeline.training.sdxl import is_sdxl, sdxl_time_ids
 from immiscible_pipeline.training.losses import PREDICTION_TYPES, min_snr_loss
 from immiscible_pipeline.training.sample_grids import averaged_weights, image_grid, log_images, sample_images
 from immiscible_pipeline.training.stable_diffusion import (INTERPOLATIONS, check_pretrained_model,
@@ -64,6 +68,11 @@ def parse_args(input_args=None):
                             "--from_scratch).")
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE to use instead of the model's, saved with the pipeline (diffusers' SDXL scripts: "
+                            "e.g. madebyollin/sdxl-vae-fp16-fix, which does not overflow in fp16).")
+    model.add_argument("--timestep_bias_strategy", type=str, default="none",
+                       help="diffusers' SDXL timestep bias; only none (timesteps drawn uniformly) is supported.")
     model.add_argument("--from_scratch", action="store_true",
                        help="Initialise the UNet randomly from the pretrained UNet's config instead of fine-tuning it.")
     model.add_argument("--rank", type=int, default=0,
@@ -166,6 +175,7 @@ def parse_args(input_args=None):
     save.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     save.add_argument("--tracker_project_name", type=str, default="train_immiscible_sd")
     add_diffusers_flags(parser, TEXT_TO_IMAGE_FLAGS)
+    add_diffusers_flags(parser, SDXL_TEXT_TO_IMAGE_FLAGS)
 
     args = parser.parse_args(input_args)
     check_args(args)
@@ -184,6 +194,9 @@ def check_args(args):
     if args.rank and args.from_scratch:
         raise ValueError("--rank trains a LoRA on top of the pretrained UNet, and --from_scratch discards that UNet: "
                          "drop one of them")
+    if args.timestep_bias_strategy != "none":
+        raise ValueError(f"--timestep_bias_strategy {args.timestep_bias_strategy} is not supported: timesteps are "
+                         "drawn uniformly (drop the flag, or pass none)")
     if args.rank and args.use_ema:
         raise ValueError("--use_ema is not supported with --rank (LoRA): the LoRA weights are saved as trained, as "
                          "diffusers' LoRA script does; drop --use_ema, or fine-tune the whole UNet (no --rank)")
@@ -212,11 +225,20 @@ def main(args):
     noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **pretrained)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **pretrained)
-    text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
-    vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
+    sdxl = is_sdxl(args.pretrained_model_name_or_path, args.revision)
+    if sdxl:  # two text encoders and a pooled embedding, from the pipeline's encode_prompt, once per distinct prompt
+        from diffusers import StableDiffusionXLPipeline
+
+        precision = {} if frozen_dtype == torch.float32 else {"torch_dtype": frozen_dtype}
+        text_pipeline = StableDiffusionXLPipeline.from_pretrained(unet=None, vae=None, variant=args.variant,
+                                                                  **precision, **pretrained).to(accelerator.device)
+        prompt_embeddings = PromptEmbeddings(text_pipeline, max_sequence_length=0)
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **pretrained)
+        text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
+        text_encoder.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
+    vae = load_vae(args)
     vae.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
-    text_encoder.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.from_scratch:
         unet_config = UNet2DConditionModel.load_config(subfolder="unet", **pretrained)
@@ -278,7 +300,10 @@ def main(args):
         logger.info(f"Latent cache {args.cache_latents}: {len(cache)} images ready in "
                     f"{time.perf_counter() - started:.1f} s")
         samples = CachedLatents(cache, data_seed, args.random_flip, caption_key=caption_column)
-    train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=caption_column)
+    if sdxl:  # the prompt as text: SDXL's two tokenizers encode it
+        train_samples = PromptTexts(samples, captioner, caption_key=caption_column)
+    else:
+        train_samples = PromptedSamples(samples, captioner, tokenizer, caption_key=caption_column)
     loader = train_dataloader(train_samples, args.train_batch_size, args.dataloader_num_workers)
 
     immiscible = build_immiscible(args.immiscible, args.immiscible_k, args.assignment_cost_dtype,
@@ -334,7 +359,14 @@ def main(args):
         for batch in batches:
             with accelerator.accumulate(unet):
                 latents = batch_latents(batch, vae, dtype=frozen_dtype)  # VAE latents x scaling_factor
-                encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                added_cond_kwargs = None
+                if sdxl:  # both encoders' states, the pooled embedding and the size ids
+                    text = prompt_embeddings(batch["prompt"])
+                    encoder_hidden_states = text["prompt_embeds"]
+                    added_cond_kwargs = {"text_embeds": text["pooled_prompt_embeds"],
+                                         "time_ids": sdxl_time_ids(len(latents), resolution, latents.device)}
+                else:
+                    encoder_hidden_states = text_encoder(batch["input_ids"])[0]
                 groups = batch["group"] if args.immiscible_groups == "label" else None
                 noise = immiscible(latents, groups=groups)  # Immiscible Diffusion: fresh noise assigned to latents
                 if args.noise_offset:
@@ -346,7 +378,8 @@ def main(args):
                 if args.input_perturbation:
                     input_noise = noise + args.input_perturbation * torch.randn_like(noise)
                 noisy_latents = noise_scheduler.add_noise(latents, input_noise, timesteps)
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
+                                  added_cond_kwargs=added_cond_kwargs).sample
                 # The target is built from the assigned `noise` (epsilon, or the velocity for v-prediction).
                 loss = min_snr_loss(noise_scheduler, model_pred, latents, noise, timesteps, args.snr_gamma)
                 accelerator.backward(loss)
@@ -361,8 +394,13 @@ def main(args):
                 step = progress.global_step
                 if (validate and step % args.validation_steps == 0 and not progress.finished
                         and accelerator.is_main_process):
-                    pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder, tokenizer,
-                                                         inference_scheduler)
+                    if sdxl:
+                        pipeline = StableDiffusionXLPipeline(**{**text_pipeline.components, "vae": vae,
+                                                                "unet": accelerator.unwrap_model(unet),
+                                                                "scheduler": inference_scheduler})
+                    else:
+                        pipeline = stable_diffusion_pipeline(accelerator.unwrap_model(unet), vae, text_encoder,
+                                                             tokenizer, inference_scheduler)
                     with averaged_weights(unet.parameters(), ema):
                         save_samples(accelerator, args, pipeline, resolution, step,
                                      Path(args.output_dir) / "samples" / f"step-{step:06d}.png")
@@ -378,20 +416,29 @@ def main(args):
         if args.rank:  # the LoRA file only; its samples come from the base pipeline with it loaded, as users will
             saved = save_unet_lora(unet, args.output_dir)
             pipeline = None
-            if validate:
+            if validate and sdxl:
+                pipeline = StableDiffusionXLPipeline.from_pretrained(variant=args.variant, **precision, **pretrained)
+                pipeline.load_lora_weights(args.output_dir)
+            elif validate:
                 pipeline = base_pipeline_with_lora(args.pretrained_model_name_or_path, args.output_dir,
                                                    revision=args.revision, variant=args.variant, dtype=frozen_dtype)
+            if validate:
                 pipeline.scheduler = inference_scheduler  # the trained prediction type
         else:
             if ema is not None:
                 ema.copy_to(unet.parameters())  # the saved pipeline holds the averaged weights
-            if frozen_dtype != torch.float32:  # save the frozen parts in full precision, as they were loaded
-                text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant,
-                                                             **pretrained)
-                vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=args.variant, **pretrained)
-            pipeline = stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, inference_scheduler)
+            if sdxl:  # the frozen parts as they were loaded (full precision)
+                pipeline = StableDiffusionXLPipeline.from_pretrained(unet=unet, scheduler=inference_scheduler,
+                                                                     vae=load_vae(args), variant=args.variant,
+                                                                     **pretrained)
+            else:
+                if frozen_dtype != torch.float32:  # save the frozen parts in full precision, as they were loaded
+                    text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant,
+                                                                 **pretrained)
+                    vae = load_vae(args)
+                pipeline = stable_diffusion_pipeline(unet, vae, text_encoder, tokenizer, inference_scheduler)
             pipeline.save_pretrained(args.output_dir)
-            saved = f"the StableDiffusionPipeline to {args.output_dir}"
+            saved = f"the {type(pipeline).__name__} to {args.output_dir}"
         if validate:
             save_samples(accelerator, args, pipeline.to(accelerator.device), resolution, global_step,
                          Path(args.output_dir) / "samples.png")
@@ -404,6 +451,15 @@ def main(args):
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)
     end_training(accelerator)
+
+
+def load_vae(args):
+    """The pretrained model's VAE, or --pretrained_vae_model_name_or_path (float32, as saved)."""
+    if args.pretrained_vae_model_name_or_path is not None:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, revision=args.revision,
+                                             variant=args.variant)
+    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                         variant=args.variant)
 
 
 def save_samples(accelerator, args, pipeline, resolution, step, path):

@@ -155,3 +155,18 @@ DREAMBOOTH_FLOW_FLAGS = (
     Unsupported("--enable_npu_flash_attention", "Ascend NPU attention is not supported; drop the flag"),
     LOCAL_RANK,
 )
+
+# diffusers' examples/text_to_image/train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py, for
+# train_immiscible_sd.py on an SDXL model (next to TEXT_TO_IMAGE_FLAGS, which they share).
+WITHOUT_TIMESTEP_BIAS = "only used with --timestep_bias_strategy other than none, which is not supported"
+SDXL_TEXT_TO_IMAGE_FLAGS = (
+    Alias("--proportion_empty_prompts", "--caption_dropout"),
+    Ignored("--timestep_bias_multiplier", WITHOUT_TIMESTEP_BIAS),
+    Ignored("--timestep_bias_begin", WITHOUT_TIMESTEP_BIAS),
+    Ignored("--timestep_bias_end", WITHOUT_TIMESTEP_BIAS),
+    Ignored("--timestep_bias_portion", WITHOUT_TIMESTEP_BIAS),
+    Ignored("--debug_loss", "per-file losses are not logged; the loss and the assignment's statistics are"),
+    Unsupported("--train_text_encoder", "the text encoders stay frozen (their embeddings are computed once per "
+                                        "prompt); drop the flag to train the UNet's LoRA"),
+    Unsupported("--enable_npu_flash_attention", "Ascend NPU attention is not supported; drop the flag"),
+)

@@ -40,7 +40,8 @@ class PromptTexts(PromptedSamples):
 
 class PromptEmbeddings:
     """The text embeddings of a batch of prompts from a pipeline's text encoders (`pipeline.encode_prompt` of a
-    StableDiffusion3Pipeline or FluxPipeline loaded without transformer and VAE), on the device the encoders were
+    StableDiffusion3Pipeline, FluxPipeline or StableDiffusionXLPipeline loaded without transformer / UNet and VAE;
+    `max_sequence_length` is T5's and SDXL ignores it), on the device the encoders were
     on at the start. Frozen encoders: kept for the last PROMPT_CACHE_SIZE distinct prompts, and once every
     prompt a run needs is kept, `offload()` moves the encoders to the CPU (T5-XXL alone is 9.5 GB in bf16).
     `trained=True` (a LoRA on the CLIP encoders): computed every call, with gradients."""
@@ -74,6 +75,10 @@ class PromptEmbeddings:
         return {key: value.to(self.output_device) for key, value in encoded.items()}
 
     def _encode(self, prompts: list[str]) -> dict:
+        if type(self.pipeline).__name__.startswith("StableDiffusionXL"):  # two CLIPs, no T5
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device,
+                                                               do_classifier_free_guidance=False)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if type(self.pipeline).__name__.startswith("StableDiffusion3"):
             embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, None, None, device=self.device,
                                                                do_classifier_free_guidance=False,

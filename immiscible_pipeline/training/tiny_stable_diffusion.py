@@ -71,3 +71,32 @@ def build_tiny_sd(path: str | os.PathLike, resolution: int = 16, seed: int = 0,
                                        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(path)
     return str(path)
+
+
+def build_tiny_sdxl(path: str | os.PathLike, resolution: int = 16, seed: int = 0) -> str:
+    """Saves a tiny StableDiffusionXLPipeline at `path` (the tiny SD VAE; a CLIPTextModel and a
+    CLIPTextModelWithProjection of width 16, both with the byte-level tokenizer; a UNet with SDXL's text-time
+    conditioning: cross-attention on the two encoders' concatenated states, the pooled embedding and 6 size ids;
+    SDXL's Euler scheduler) and returns the path."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    parts = tiny_sd_components(resolution, seed)
+    tokenizer = parts["tokenizer"]
+    config = CLIPTextConfig(**{**parts["text_encoder"].config.to_dict(), "num_hidden_layers": 2})
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=parts["unet"].config.sample_size, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * config.hidden_size,
+        attention_head_dim=4, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=config.projection_dim + 6 * time_embed_dim)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                         text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                         unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipeline.save_pretrained(path)
+    return str(path)
