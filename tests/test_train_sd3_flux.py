@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import write_images
 from launching import interrupt_after_first_step, launch_command, launch_environment
 from sd_fixtures import captioned_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
-from trainer_runs import launch, load_script, run_with_warnings as run, summary
+from trainer_runs import launch, load_script, refused_flags, run_with_warnings as run, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
 from immiscible_pipeline.training.diffusers_example_flags import (Alias, DREAMBOOTH_FLOW_FLAGS, EveryEpochs,
@@ -438,19 +438,10 @@ OTHER_FAMILYS = {"sd3": "--guidance_scale", "flux": "--precondition_outputs"}  #
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_every_diffusers_flag_is_accepted_or_refused_by_name(family, trainer, tiny_models, tmp_path):
-    refused = set()
-    for flag, value in DREAMBOOTH_LORA_FLOW.items():
-        value = {"DIR": str(tmp_path), "MODEL": tiny_models[family]}.get(value, value)
-        source = ["--instance_data_dir", str(tmp_path)] if flag != "--dataset_name" else []
-        argv = ["--pretrained_model_name_or_path", tiny_models[family], *source, flag] + ([] if value is None else
-                                                                                         [value])
-        try:
-            trainer.parse_args(argv)
-        except ValueError as error:
-            assert flag in str(error), f"{flag}: the error does not name the flag: {error}"
-            refused.add(flag)
-        except SystemExit:
-            pytest.fail(f"{' '.join(argv)}: argparse refused it")
+    flags = {flag: {"DIR": tmp_path, "MODEL": tiny_models[family]}.get(value, value)
+             for flag, value in DREAMBOOTH_LORA_FLOW.items()}
+    refused = refused_flags(trainer, flags, lambda flag: ["--pretrained_model_name_or_path", tiny_models[family]] + (
+        ["--instance_data_dir", tmp_path] if flag != "--dataset_name" else []))
     # What is refused is refused on purpose (or for lack of an optional package), never by accident.
     unsupported = {entry.flag for entry in DREAMBOOTH_FLOW_FLAGS if isinstance(entry, Unsupported)}
     assert refused - {"--use_8bit_adam"} == unsupported | {OTHER_FAMILYS[family]}

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_fixtures import one_thread, scalars  # noqa: F401 - fixtures
-from trainer_runs import load_script, run_with_warnings as run, summary
+from trainer_runs import load_script, refused_flags, run_with_warnings as run, summary
 
 from immiscible_pipeline.training.diffusers_example_flags import (Alias, SDXL_TEXT_TO_IMAGE_FLAGS, TEXT_TO_IMAGE_FLAGS,
                                                                   Unsupported)
@@ -131,17 +131,9 @@ TRAIN_TEXT_TO_IMAGE_SDXL = {
 
 
 def test_every_sdxl_script_flag_is_accepted_or_refused_by_name(trainer, tiny_sdxl, tmp_path):
-    refused = set()
-    for flag, value in TRAIN_TEXT_TO_IMAGE_SDXL.items():
-        value = {"DIR": str(tmp_path), "MODEL": tiny_sdxl}.get(value, value)
-        argv = ["--pretrained_model_name_or_path", tiny_sdxl, flag] + ([] if value is None else [value])
-        try:
-            trainer.parse_args(argv)
-        except ValueError as error:
-            assert flag in str(error), f"{flag}: the error does not name the flag: {error}"
-            refused.add(flag)
-        except SystemExit:
-            pytest.fail(f"{' '.join(argv)}: argparse refused it")
+    flags = {flag: {"DIR": tmp_path, "MODEL": tiny_sdxl}.get(value, value)
+             for flag, value in TRAIN_TEXT_TO_IMAGE_SDXL.items()}
+    refused = refused_flags(trainer, flags, lambda flag: ["--pretrained_model_name_or_path", tiny_sdxl])
     unsupported = {entry.flag for entry in (*TEXT_TO_IMAGE_FLAGS, *SDXL_TEXT_TO_IMAGE_FLAGS)
                    if isinstance(entry, Unsupported)}
     assert refused - {"--use_8bit_adam", "--enable_xformers_memory_efficient_attention"} == (

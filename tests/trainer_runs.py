@@ -99,3 +99,22 @@ def run_with_warnings(trainer, argv) -> str:
     finally:
         logging.getLogger().removeHandler(handler)
     return "\n".join(records)
+
+
+def refused_flags(trainer, flags: dict, base_argv) -> set:
+    """Parses `base_argv(flag) + [flag, value]` for each diffusers flag in `flags` ({flag: value, None for a
+    switch}); returns those refused with a ValueError. An error that does not name its flag, or argparse's own
+    "unrecognized arguments", fails the test."""
+    import pytest
+
+    refused = set()
+    for flag, value in flags.items():
+        argv = [str(arg) for arg in base_argv(flag)] + [flag] + ([] if value is None else [str(value)])
+        try:
+            trainer.parse_args(argv)
+        except ValueError as error:
+            assert flag in str(error), f"{flag}: the error does not name the flag: {error}"
+            refused.add(flag)
+        except SystemExit:
+            pytest.fail(f"{' '.join(argv)}: argparse refused it")
+    return refused
