@@ -69,8 +69,8 @@ def evaluate_args(sampler: Sampler, folder: str, output_json: str, args) -> list
         argv += ["--num_inference_steps", str(sampler.steps)]
     if sampler.scheduler in ("ddim", "ddpm"):
         argv += ["--scheduler", sampler.scheduler, "--eta", str(sampler.eta)]
-    if sampler.matched_steps is not None:
-        argv += ["--matched_steps", str(sampler.matched_steps)]
+    if sampler.matched:  # -matched: every re-noising; -matchedN: the first N
+        argv += ["--matched_steps", "all" if sampler.matched_steps is None else str(sampler.matched_steps)]
     if args.cache_dir:
         argv += ["--cache_dir", args.cache_dir]
     return argv

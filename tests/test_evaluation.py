@@ -395,6 +395,8 @@ def test_the_command_matches_re_noising_to_the_training_coupling_by_default(clas
     TrainingCoupling(method="linear", group_size=3).save(model)
     matched = evaluate.main(common)
     assert matched["renoise"] == "matched" and matched["fid"] != vanilla["fid"]
+    assert matched["matched_steps"] == 5  # the default; DDPM's 4 steps re-noise 3 times: all coupled
+    assert evaluate.main(common + ["--matched_steps", "all"])["fid"] == pytest.approx(matched["fid"], rel=1e-6)
     none_matched = evaluate.main(common + ["--matched_steps", "0"])  # couples no re-noising: the stock images
     assert none_matched["matched_steps"] == 0 and none_matched["fid"] == pytest.approx(vanilla["fid"], rel=1e-6)
     with caplog.at_level("WARNING"):

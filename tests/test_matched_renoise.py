@@ -185,6 +185,17 @@ def test_euler_ancestral_is_coupled_in_a_hand_written_loop(unet):
     assert len(spy.calls) == 4  # every step re-noises
 
 
+def test_by_default_only_the_first_five_renoisings_of_a_run_are_coupled(unet):
+    pipeline = matched_renoise(pipelines(unet)["ddpm"], LINEAR4)
+    spy = pipeline.scheduler.coupled_noise = Spy(pipeline.scheduler.coupled_noise)
+    for _ in range(2):  # the count starts again with every sampling run
+        spy.calls.clear()
+        generator = [torch.Generator().manual_seed(i) for i in range(4)]
+        pipeline(batch_size=4, generator=generator, num_inference_steps=8, output_type="np")
+        assert len(spy.calls) == 7  # DDPM adds no noise at its last step
+        assert [not torch.equal(c["noise"], c["fresh"]) for c in spy.calls] == [True] * 5 + [False] * 2
+
+
 def test_matched_steps_couples_only_the_first_renoisings():
     coupled = CoupledNoise(LINEAR4, matched_steps=1)
     clean, fresh = torch.randn(4, 8), torch.randn(4, 8)

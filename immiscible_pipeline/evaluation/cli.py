@@ -56,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how a stochastic sampler (DDPM, DDIM with eta > 0, multistep consistency sampling) "
                              "re-noises: matched pairs the noise with the clean estimates as training did "
                              "(default for a model whose folder records a noise coupling); independent is stock")
-    parser.add_argument("--matched_steps", type=int, default=None,
-                        help="with matched re-noising: couple only the first N re-noisings of each sampling run "
-                             "(default: all)")
+    parser.add_argument("--matched_steps", type=matched_steps_value, default=None,
+                        help="with matched re-noising: couple the first N re-noisings of each sampling run, or "
+                             "'all' (default: immiscible_pipeline's measured 5)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses noise seeded from (seed, i)")
     parser.add_argument("--prompts", nargs="+", default=None, help="text-conditioned pipelines: one prompt per class")
     parser.add_argument("--prompts_file", default=None, help="the class prompts, one per line")
@@ -87,13 +87,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_samples must be >= 2 for FID")
     if args.timesteps and args.num_inference_steps and len(args.num_inference_steps) > 1:
         parser.error("--timesteps gives one sampler: give at most one --num_inference_steps with it")
-    if args.matched_steps is not None and (args.matched_steps < 0 or args.renoise == "independent"):
-        parser.error("--matched_steps takes a count >= 0, with matched re-noising")
+    if args.matched_steps is not None and args.renoise == "independent":
+        parser.error("--matched_steps goes with matched re-noising, not --renoise independent")
     if args.num_inference_steps is not None and min(args.num_inference_steps) < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     if args.sample_only and args.num_inference_steps is not None and len(args.num_inference_steps) > 1:
         parser.error("--sample_only writes one set of images: give one --num_inference_steps")
     return args
+
+
+def matched_steps_value(text: str):
+    """--matched_steps: a count >= 0, or "all" (as the string "all")."""
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text!r}")
+    return int(text)
+
+
+def effective_matched_steps(value) -> int | None:
+    """What matched_renoise gets: the library's default without the flag, the count, or None for 'all'."""
+    from ..renoise import DEFAULT_MATCHED_STEPS
+
+    if value is None:
+        return DEFAULT_MATCHED_STEPS
+    return None if value == "all" else value
 
 
 def load_prompts(args):
@@ -152,7 +170,7 @@ def set_renoise(args, pipeline, steps: list[int]) -> str:
         raise SystemExit(f"--renoise matched: {args.model} has no immiscible_coupling.json (a model trained "
                          "without noise assignment, or by another trainer): there is no coupling to match")
     if renoise == "matched":
-        matched_renoise(pipeline, coupling, args.matched_steps)
+        matched_renoise(pipeline, coupling, effective_matched_steps(args.matched_steps))
     warned = set()
     for num_steps in steps:
         warn_if_independent(coupling, pipeline.scheduler, renoise, args.eta, num_steps, warned)
@@ -244,7 +262,10 @@ def main(argv=None) -> dict | None:
         result = results[steps[0]] if len(steps) == 1 else {
             "num_inference_steps": steps, "results": {str(n): record for n, record in results.items()}}
         result.update(scheduler=type(pipeline.scheduler).__name__, renoise=renoise, eta=args.eta,
-                      timesteps=args.timesteps, matched_steps=args.matched_steps if renoise == "matched" else None)
+                      timesteps=args.timesteps)
+        if renoise == "matched":
+            count = effective_matched_steps(args.matched_steps)
+            result["matched_steps"] = "all" if count is None else count
     if is_main:
         source = args.model or args.images
         result["source"] = os.path.abspath(source)

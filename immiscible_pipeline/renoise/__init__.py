@@ -6,8 +6,8 @@ model). Knows diffusers' schedulers; nothing of Accelerate, argparse or training
 """
 
 from .coupling_record import COUPLING_FILE, TrainingCoupling, coupling_of_run
-from .matched_renoise import (independent_renoise, injects_noise, is_matched, matched_renoise,
+from .matched_renoise import (DEFAULT_MATCHED_STEPS, independent_renoise, injects_noise, is_matched, matched_renoise,
                               warn_if_independent)
 
-__all__ = ["COUPLING_FILE", "TrainingCoupling", "coupling_of_run", "independent_renoise", "injects_noise",
+__all__ = ["COUPLING_FILE", "DEFAULT_MATCHED_STEPS", "TrainingCoupling", "coupling_of_run", "independent_renoise", "injects_noise",
            "is_matched", "matched_renoise", "warn_if_independent"]
