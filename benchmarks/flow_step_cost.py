@@ -1,16 +1,17 @@
-"""Cost of a training step of train_immiscible_sd3_flux.py on tiny SD3 and Flux models on the CPU, and the noise
-assignment's share of it.
+"""Cost of a training step of train_immiscible_sd3_flux.py on tiny SD3 and Flux models, and of
+train_immiscible_sd.py on a tiny SDXL, on the CPU, and the noise assignment's share of it (all LoRA rank 4).
 
     python benchmarks/flow_step_cost.py            # ~3 min on 2 cores
     python benchmarks/flow_step_cost.py --quick    # ~1 min
 
-Runs the real script (`accelerate launch`, one process) on a folder of synthetic PNGs, for each family with KNN
+Runs the real scripts (`accelerate launch`, one process) on a folder of synthetic PNGs, for each family with KNN
 (k = 4, the default) and without assignment (`--immiscible none`), alternating the runs of each repeat so that
 both see the same machine load. The step time is the median difference of the wall times of consecutive logged
 steps (the first step, with its warm-up, is left out); the assignment's time is the median of the
 `immiscible/time_ms` the script logs. Prints a markdown table.
 
-The tiny models (tiny_flow_models.py: one-layer transformers of width 16-32, a two-block VAE) make every step
+The tiny models (tiny_flow_models.py: one-layer transformers of width 16-32; tiny_stable_diffusion.py's SDXL:
+a two-level UNet of width 16-32; all with a two-block VAE) make every step
 cheap, so the assignment's share here is an upper bound of its share with real SD3 / Flux transformers, whose
 step costs grow far faster than the assignment (which only touches the latents).
 """
@@ -61,21 +62,21 @@ def write_images(folder: Path, count: int = 16, seed: int = 0) -> None:
         Image.fromarray(pixels).save(folder / f"{index:03d}.png")
 
 
-def run(model: str, images: Path, output: Path, method: str, args) -> dict:
-    """One launched run; returns the median step time and assignment time (ms)."""
+def run(script: str, model: str, images: Path, output: Path, method: str, args) -> dict:
+    """One launched run of `script` (a LoRA of rank 4); returns the median step time and assignment time (ms)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process",
-               str(args.threads), str(REPO / "train_immiscible_sd3_flux.py"), "--pretrained_model_name_or_path", model,
-               "--instance_data_dir", str(images), "--instance_prompt", "a photo of sks thing", "--resolution",
+               str(args.threads), str(REPO / script), "--rank", "4", "--pretrained_model_name_or_path", model,
+               "--train_data_dir", str(images), "--instance_prompt", "a photo of sks thing", "--resolution",
                str(args.resolution), "--train_batch_size", str(args.train_batch_size), "--max_train_steps",
                str(args.steps), "--lr_warmup_steps", "0", "--seed", "0", "--checkpointing_steps", "100000",
-               "--immiscible", method, "--output_dir", str(output)]
+               "--immiscible", method, "--immiscible_k", "4", "--output_dir", str(output)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="true",
                PYTHONPATH=str(REPO))
     subprocess.run(command, check=True, env=env, capture_output=True)
-    (events,) = (output / "logs" / "train_immiscible_sd3_flux").glob("events.out.tfevents.*")
+    (events,) = (output / "logs" / Path(script).stem).glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
     accumulator.Reload()
     walls = [event.wall_time for event in accumulator.Scalars("loss")]
@@ -88,16 +89,20 @@ def main():
     args = parse_args()
     from benchmarks.machine_info import cpu_model_and_flags
     from immiscible_pipeline.training.tiny_flow_models import build_tiny_flux, build_tiny_sd3
+    from immiscible_pipeline.training.tiny_stable_diffusion import build_tiny_sdxl
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_images(root / "images")
-        models = {"SD3": build_tiny_sd3(root / "sd3"), "Flux": build_tiny_flux(root / "flux")}
+        flow = "train_immiscible_sd3_flux.py"
+        models = {"SD3": (flow, build_tiny_sd3(root / "sd3")), "Flux": (flow, build_tiny_flux(root / "flux")),
+                  "SDXL": ("train_immiscible_sd.py", build_tiny_sdxl(root / "sdxl", resolution=args.resolution))}
         for repeat in range(args.repeats):
-            for family, model in models.items():
+            for family, (script, model) in models.items():
                 for method in ("knn", "none"):
-                    measured = run(model, root / "images", root / f"{family}-{method}-{repeat}", method, args)
+                    measured = run(script, model, root / "images", root / f"{family}-{method}-{repeat}", method,
+                                   args)
                     results.setdefault((family, method), []).append(measured)
                     print(f"repeat {repeat} {family} {method}: {measured}", file=sys.stderr)
     cpu, logical, _ = cpu_model_and_flags()
@@ -109,7 +114,7 @@ def main():
           "the KNN step |")
     print("| --- | --- | --- | --- | --- | --- |")
     table = {}
-    for family in ("SD3", "Flux"):
+    for family in ("SD3", "Flux", "SDXL"):
         knn = statistics.median(r["step_ms"] for r in results[(family, "knn")])
         none = statistics.median(r["step_ms"] for r in results[(family, "none")])
         assign = statistics.median(r["assignment_ms"] for r in results[(family, "knn")])

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipelin
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd_fixtures import one_thread, scalars  # noqa: F401 - fixtures
+from sd_fixtures import captioned_folder, one_thread, scalars  # noqa: F401 - fixtures
 from trainer_runs import load_script, refused_flags, run_with_warnings as run, summary
 
 from immiscible_pipeline.training.diffusers_example_flags import (Alias, SDXL_TEXT_TO_IMAGE_FLAGS, TEXT_TO_IMAGE_FLAGS,
@@ -103,6 +103,28 @@ def test_the_sdxl_unet_gets_its_conditioning_next_to_the_assigned_noise(trainer,
     assert added["text_embeds"].shape == (2, 16)  # the second encoder's pooled projection
     assert added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # size ids: what the pipeline samples with
     assert scalars(tmp_path)["immiscible/relative_reduction"][0] > 0  # KNN re-paired the noise
+
+
+def test_diffusers_sdxl_lora_test_commands_run_with_rank_4(trainer, tiny_sdxl, captioned_folder, tmp_path):
+    """diffusers' test_text_to_image_lora.py SDXL commands, flags verbatim but for the data (a local folder with
+    a `text` column instead of hf-internal-testing/dummy_image_text_data) and --rank 4 (this script fine-tunes
+    the whole UNet without it); the text-encoder variants are refused (--train_text_encoder)."""
+    def diffusers_command(output_dir, max_train_steps, *extra):
+        return ["--pretrained_model_name_or_path", tiny_sdxl, "--train_data_dir", captioned_folder, "--resolution",
+                64, "--train_batch_size", 1, "--gradient_accumulation_steps", 1, "--max_train_steps", max_train_steps,
+                "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
+                "--output_dir", output_dir, *extra, "--rank", 4]
+
+    run(trainer, diffusers_command(tmp_path / "plain", 2))
+    assert all("lora" in key for key in load_file(tmp_path / "plain" / LORA_WEIGHTS_NAME))
+    run(trainer, diffusers_command(tmp_path / "limit", 7, "--checkpointing_steps=2", "--checkpoints_total_limit=2"))
+    assert {path.name for path in (tmp_path / "limit").glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-6"}
+    pipeline = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    base = generate(pipeline, output_type="np")
+    pipeline.load_lora_weights(tmp_path / "limit")
+    assert abs(generate(pipeline, output_type="np") - base).max() > 1e-3
+    with pytest.raises(ValueError, match="--train_text_encoder .* is not supported"):
+        trainer.parse_args([str(arg) for arg in diffusers_command(tmp_path / "te", 2, "--train_text_encoder")])
 
 
 SWITCH = None
