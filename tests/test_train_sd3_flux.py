@@ -34,6 +34,7 @@ from immiscible_pipeline.training.lora import LORA_WEIGHTS_NAME
 from immiscible_pipeline.training.prompt_embeddings import known_prompts, PromptEmbeddings
 from immiscible_pipeline.training.sample_grids import image_grid
 from immiscible_pipeline.training.tiny_flow_models import build_tiny_flux, build_tiny_sd3
+from immiscible_pipeline.training.tiny_stable_diffusion import build_tiny_sdxl
 from immiscible_pipeline.training.transformer_lora import lora_target_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +54,11 @@ def trainer():
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_flow")
     return {"sd3": build_tiny_sd3(root / "sd3"), "flux": build_tiny_flux(root / "flux")}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -333,30 +339,38 @@ def test_noise_is_assigned_to_the_unpacked_latents_and_is_the_loss_target(family
 
 
 def reproduce_commands() -> list:
-    """The argument lists of the SD3 / Flux commands of docs/reproduce-on-gpus.md (its `shell` block)."""
+    """(script, arguments) of the SD3 / Flux / SDXL commands of docs/reproduce-on-gpus.md (its `shell` block)."""
     import re
     import shlex
 
     page = (REPO / "docs" / "reproduce-on-gpus.md").read_text()
-    section = page.split("\n## SD3 and Flux")[1].split("\n## ")[0]
+    section = page.split("\n## SD3, Flux and SDXL")[1].split("\n## ")[0]
     (block,) = re.findall(r"```shell\n(.*?)```", section, re.S)
     commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    assert all(command[:3] == ["accelerate", "launch", SCRIPT.name] for command in commands)
-    return [command[3:] for command in commands]
+    assert all(command[:2] == ["accelerate", "launch"] for command in commands)
+    return [(command[2], command[3:]) for command in commands]
 
 
-def test_the_gpu_page_commands_run_one_step_on_the_tiny_models(trainer, tiny_models, instance_images, tmp_path):
+def test_the_gpu_page_commands_run_one_step_on_the_tiny_models(trainer, tiny_models, tiny_sdxl, instance_images,
+                                                               tmp_path):
+    """Model, data and budget replaced (the tiny models, 32 px SD3 / Flux, 16 px SDXL, one step, SDXL's own VAE
+    for the fp16-fix one); every other flag as written, bf16 included."""
     commands = reproduce_commands()
-    assert len(commands) == 4
-    for argv in commands:
+    assert [script for script, _ in commands] == [SCRIPT.name] * 4 + ["train_immiscible_sd.py"] * 2
+    sd_trainer = load_script(REPO / "train_immiscible_sd.py")
+    for script, argv in commands:
         flags = dict(zip(argv, argv[1:]))
-        family = "flux" if "FLUX" in flags["--pretrained_model_name_or_path"] else "sd3"
+        family = next(name for key, name in (("FLUX", "flux"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"))
+                      if key in flags["--pretrained_model_name_or_path"])
         output = tmp_path / flags["--output_dir"]
-        changes = {"--pretrained_model_name_or_path": tiny_models[family], "--instance_data_dir": instance_images,
-                   "--resolution": 32, "--max_train_steps": 1, "--gradient_accumulation_steps": 1,
-                   "--output_dir": output, "--num_validation_images": 1}
+        changes = {"--pretrained_model_name_or_path": {**tiny_models, "sdxl": tiny_sdxl}[family],
+                   "--instance_data_dir": instance_images, "--train_data_dir": instance_images,
+                   "--resolution": 16 if family == "sdxl" else 32, "--max_train_steps": 1,
+                   "--gradient_accumulation_steps": 1, "--output_dir": output, "--num_validation_images": 1,
+                   "--pretrained_vae_model_name_or_path": Path(tiny_sdxl) / "vae"}
         argv = [str(changes.get(previous, word)) for previous, word in zip(["", *argv], argv)]
-        run(trainer, argv + ["--validation_inference_steps", 1, "--max_sequence_length", 16])
+        extra = ["--validation_inference_steps", 1] + (["--max_sequence_length", 16] if family != "sdxl" else [])
+        run(sd_trainer if family == "sdxl" else trainer, argv + extra)
         assert summary(output)["mixed_precision"] == "bf16" and summary(output)["rank"] == 16
         assert (output / LORA_WEIGHTS_NAME).is_file() and (output / "samples.png").is_file()
 
