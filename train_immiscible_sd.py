@@ -238,7 +238,10 @@ def main(args):
         text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=args.variant, **pretrained)
         text_encoder.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
     vae = load_vae(args)
-    vae.requires_grad_(False).eval().to(accelerator.device, frozen_dtype)
+    vae_dtype = frozen_dtype
+    if sdxl and frozen_dtype == torch.float16 and args.pretrained_vae_model_name_or_path is None:
+        vae_dtype = torch.float32  # SDXL's own VAE overflows in fp16 (diffusers' SDXL scripts keep it in float32)
+    vae.requires_grad_(False).eval().to(accelerator.device, vae_dtype)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.from_scratch:
         unet_config = UNet2DConditionModel.load_config(subfolder="unet", **pretrained)
@@ -290,7 +293,7 @@ def main(args):
                     "dataset": dataset_description, "dataset_config_name": args.dataset_config_name,
                     "dataset_fingerprint": getattr(dataset, "_fingerprint", None), "image_column": args.image_column,
                     "caption_column": caption_column, "resolution": resolution,
-                    "interpolation": args.image_interpolation_mode, "vae_dtype": str(frozen_dtype)}
+                    "interpolation": args.image_interpolation_mode, "vae_dtype": str(vae_dtype)}
         started = time.perf_counter()
         cache = build_latent_cache(args.cache_latents, to_encode, vae, settings, accelerator,
                                    batch_size=args.train_batch_size, chunk_size=args.cache_latents_chunk_size,
@@ -358,7 +361,7 @@ def main(args):
             batches = accelerator.skip_first_batches(loader, resume_batches)  # seen before the checkpoint
         for batch in batches:
             with accelerator.accumulate(unet):
-                latents = batch_latents(batch, vae, dtype=frozen_dtype)  # VAE latents x scaling_factor
+                latents = batch_latents(batch, vae, dtype=vae_dtype)  # VAE latents x scaling_factor
                 added_cond_kwargs = None
                 if sdxl:  # both encoders' states, the pooled embedding and the size ids
                     text = prompt_embeddings(batch["prompt"])
