@@ -11,8 +11,8 @@ Shared by all three trainers:
 
 Per trainer:
 - pixel space (DDIM, CM): `image_data`, `pixel_trainers`, `unet_presets`; `consistency_training` (iCT).
-- latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`; `tiny_stable_diffusion`
-  builds a tiny SD folder from configs for tests and CPU benchmarks.
+- latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`, `sdxl` (SDXL's conditioning);
+  `tiny_stable_diffusion` builds tiny SD and SDXL folders from configs for tests and CPU benchmarks.
 - SD3 and Flux (rectified flow): `flow_matching`, `prompt_embeddings`, `transformer_lora`, `prompted_data` (the
   data and optimiser set-up of the latent, prompted trainers); `tiny_flow_models` builds tiny SD3 / Flux folders.
 """
