@@ -1,4 +1,5 @@
-"""train_immiscible_sd.py on a tiny SDXL pipeline built from configs (offline), in this process: a LoRA that
+"""train_immiscible_sd.py on a tiny SDXL pipeline built from configs (offline), a 2-process launched run with the
+global assignment, and in this process: a LoRA that
 StableDiffusionXLPipeline.load_lora_weights takes and that resumes exactly, whole-UNet fine-tuning into a stock
 StableDiffusionXLPipeline with another VAE, the UNet's SDXL conditioning next to the assigned noise, and the
 flags of diffusers' train_text_to_image_sdxl.py / train_text_to_image_lora_sdxl.py."""
@@ -13,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_fixtures import captioned_folder, one_thread, scalars  # noqa: F401 - fixtures
-from trainer_runs import load_script, refused_flags, run_with_warnings as run, summary
+from trainer_runs import launch, load_script, refused_flags, run_with_warnings as run, summary
 
 from immiscible_pipeline.training.diffusers_example_flags import (Alias, SDXL_TEXT_TO_IMAGE_FLAGS, TEXT_TO_IMAGE_FLAGS,
                                                                   Unsupported)
@@ -68,6 +69,16 @@ def test_sdxl_lora_loads_in_plain_diffusers_and_resumes_exactly(trainer, tiny_sd
     # The final validation grid is what a user gets: the base SDXL pipeline with the saved file loaded.
     images = generate(pipeline, guidance_scale=7.5)  # the script's --validation_guidance_scale
     assert Image.open(first / "samples.png").tobytes() == image_grid(images).tobytes()
+
+
+def test_sdxl_on_two_processes_assigns_the_global_batch(tiny_sdxl, tiny_imagefolder, tmp_path):
+    launch(REPO / "train_immiscible_sd.py", command(tiny_sdxl, tiny_imagefolder, tmp_path, 2, "--rank", 4,
+                                                    "--train_batch_size", 1, "--immiscible", "linear",
+                                                    "--assignment_scope", "global"), processes=2)
+    assert summary(tmp_path)["num_processes"] == 2  # really two processes, not two unsynchronised single ones
+    logged = scalars(tmp_path)
+    assert logged["immiscible/batch_size"] == [2.0, 2.0] and logged["immiscible/num_processes"] == [2.0, 2.0]
+    assert (tmp_path / LORA_WEIGHTS_NAME).is_file()
 
 
 def test_sdxl_whole_unet_fine_tune_saves_a_stock_pipeline_with_the_vae_asked_for(trainer, tiny_sdxl,
