@@ -1,8 +1,8 @@
-"""train_immiscible_sd.py on a tiny SDXL pipeline built from configs (offline), a 2-process launched run with the
-global assignment, and in this process: a LoRA that
-StableDiffusionXLPipeline.load_lora_weights takes and that resumes exactly, whole-UNet fine-tuning into a stock
-StableDiffusionXLPipeline with another VAE, the UNet's SDXL conditioning next to the assigned noise, and the
-flags of diffusers' train_text_to_image_sdxl.py / train_text_to_image_lora_sdxl.py."""
+"""train_immiscible_sd.py on a tiny SDXL pipeline built from configs (offline): a 2-process launched run with the
+global assignment, and in this process a LoRA that StableDiffusionXLPipeline.load_lora_weights takes and that
+resumes exactly, diffusers' SDXL LoRA test commands, whole-UNet fine-tuning into a stock StableDiffusionXLPipeline
+with another VAE, the UNet's SDXL conditioning next to the assigned noise, and the flags of diffusers'
+train_text_to_image_sdxl.py / train_text_to_image_lora_sdxl.py."""
 
 import shutil
 from pathlib import Path
