@@ -179,3 +179,14 @@ def test_loss_weights_and_distances():
 def test_bad_recipes_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         ConsistencyRecipe(**settings)
+
+
+def test_two_step_timesteps_pass_through_the_level_nearest_the_asked_sigma():
+    recipe = ConsistencyRecipe()
+    timesteps = recipe.two_step_timesteps()
+    scheduler = recipe.scheduler()
+    scheduler.set_timesteps(timesteps=timesteps)
+    assert timesteps == [24, 0] and abs(float(scheduler.sigmas[1]) - 0.823) < 1e-3  # iCT's 0.821, on our grid
+    higher = recipe.two_step_timesteps(mid_sigma=2.24)
+    scheduler.set_timesteps(timesteps=higher)
+    assert abs(float(scheduler.sigmas[1]) - 2.24) < 0.01  # the grid's own two-step level

@@ -162,7 +162,8 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
     for text in ("- immiscible-diffusion", "- consistency-models", "| class-conditional | True |", "| loss | l2 |",
                  "- class-conditional-image-generation",
                  "| noise levels | 10 -> 1280 |", "num_inference_steps=2, class_labels=[0] * 16",
-                 "| multistep sampling | matched re-noising (immiscible_coupling.json) |", "matched_renoise(pipeline)"):
+                 "| multistep sampling | matched re-noising (immiscible_coupling.json) |", "matched_renoise(pipeline)",
+                 "num_inference_steps=None, timesteps=[24, 0], class_labels=[0] * 16"):
         assert text in card, text
     # Linear assignment within each of 2 classes in batches of 4: groups of about 2 at training
     assert TrainingCoupling.load(str(output)) == TrainingCoupling(method="linear", group_size=2, per_class=True)
