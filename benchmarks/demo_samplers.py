@@ -119,6 +119,31 @@ def markdown(family: str, methods: list[str], samplers: list[Sampler], table: di
     return "\n".join(lines)
 
 
+def plot(family: str, methods: list[str], samplers: list[Sampler], table: dict, seeds: list[int], path: str) -> None:
+    """FID per sampler (rows) and method (bars), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(samplers) * len(methods) / 2 + 1.5))
+    height = 0.8 / len(methods)
+    rows = np.arange(len(samplers))
+    for i, method in enumerate(methods):
+        fids = [statistics.mean(table[(method, s, sampler.name)]["fid"] for s in seeds) for sampler in samplers]
+        ax.barh(rows + i * height, fids, height, label=method)
+    ax.set_yticks(rows + height * (len(methods) - 1) / 2, [sampler.describe() for sampler in samplers], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("FID (classifier features), lower is better")
+    ax.set_title(f"{family.upper()} demo: FID per sampler and training method")
+    ax.legend()
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=("cm", "ddim"), required=True)
@@ -166,6 +191,7 @@ def main(argv=None) -> dict:
               "machine": machine, "scores": {f"{m}/seed{s}/{n}": v for (m, s, n), v in table.items()}}
     with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
         json.dump(result, handle, indent=1)
+    plot(args.family, args.methods, args.parsed, table, args.seeds, os.path.join(args.output_dir, "fid_by_sampler.png"))
     print(text)
     return result
 

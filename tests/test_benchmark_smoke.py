@@ -113,6 +113,7 @@ def test_demo_sampler_check_scores_every_method_with_every_sampler(tmp_path):
     assert scores["linear/seed0/ddim-2"]["scheduler"] == "DDIMScheduler"
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| DDPM ancestral, 2 steps, matched re-noising |" in table and "linear: readable" in table
+    assert (tmp_path / "out" / "fid_by_sampler.png").read_bytes()[:4] == b"\x89PNG"
     kept = sorted(p.name for p in (work / "scores").glob("*.json"))
     assert len(kept) == 5  # 3 samplers for linear, 2 for vanilla (its matched one is its independent one)
     assert module.main(argv)["scores"] == scores  # read back, not sampled again
