@@ -90,7 +90,7 @@ def coupling_of_run(method: str, k: int, batch_size: int, scope: str, num_proces
     about B / classes."""
     from ..noise.global_batch import resolve_scope
 
-    scope = resolve_scope(scope, batch_size, num_processes)
+    scope = resolve_scope(scope, batch_size, num_processes) if num_processes > 1 else "local"  # one process: the same
     group = batch_size * (num_processes if scope == "global" else 1)
     if num_classes:
         group = max(1, round(group / num_classes))
