@@ -315,7 +315,7 @@ def save_samples(accelerator, args, pipeline, class_names, step, path):
 
 def push_to_hub(args, repo_id, summary, coupling):
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
-                "assignment scope": args.assignment_scope, "assignment cost dtype": args.assignment_cost_dtype,
+                "assignment scope": coupling.scope, "assignment cost dtype": args.assignment_cost_dtype,
                 "dataset": summary["dataset"], "resolution": args.resolution,
                 "class-conditional": bool(args.class_conditional),
                 "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
@@ -341,7 +341,7 @@ def push_to_hub(args, repo_id, summary, coupling):
                f"two_step = pipeline(batch_size=16, num_inference_steps=None, timesteps="
                f"{args.recipe.two_step_timesteps()}{labels}).images"))
     task = "class-conditional-image-generation" if args.class_conditional else "unconditional-image-generation"
-    tags = immiscible_tags(args.immiscible) + [task, "consistency-models", f"scope-{args.assignment_scope}"]
+    tags = immiscible_tags(args.immiscible) + [task, "consistency-models", f"scope-{coupling.scope}"]
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)
     upload_output_folder(args.output_dir, repo_id, args.hub_token)
 

@@ -276,7 +276,7 @@ def save_samples(accelerator, args, pipeline, step, path):
 
 def push_to_hub(args, repo_id, summary, coupling):
     settings = {"assignment": args.immiscible, "k (knn)": args.immiscible_k if args.immiscible == "knn" else "-",
-                "assignment scope": args.assignment_scope, "assignment cost dtype": args.assignment_cost_dtype,
+                "assignment scope": coupling.scope, "assignment cost dtype": args.assignment_cost_dtype,
                 "dataset": summary["dataset"], "resolution": args.resolution,
                 "batch size (total)": summary["total_batch_size"], "processes": summary["num_processes"],
                 "steps": summary["global_step"], "learning rate": args.learning_rate, "EMA": bool(args.use_ema),
@@ -296,7 +296,7 @@ def push_to_hub(args, repo_id, summary, coupling):
                f"images = pipeline(batch_size=16, num_inference_steps={args.ddim_num_inference_steps}).images"
                f"{stochastic}"))
     tags = immiscible_tags(args.immiscible) + ["unconditional-image-generation", "ddim",
-                                               f"scope-{args.assignment_scope}"]
+                                               f"scope-{coupling.scope}"]
     write_model_card(args.output_dir, repo_id, description, tags, hub_token=args.hub_token)
     upload_output_folder(args.output_dir, repo_id, args.hub_token)
 
