@@ -180,7 +180,7 @@ def main(args):
                                   args.assignment_scope, accelerator)
     # What sampling must keep: saved beside the pipeline, used by the grids and evaluations (--renoise)
     coupling = coupling_of_run(args.immiscible, args.immiscible_k, args.train_batch_size, args.assignment_scope,
-                               accelerator.num_processes, per_class_groups(args, class_names))
+                               accelerator.num_processes, class_names)  # class-conditional: per class
     if accelerator.is_main_process:
         warn_if_independent(coupling, scheduler, args.renoise, num_inference_steps=max(GRID_STEPS))
     if warning := assignment_batch_warning(args.immiscible, args.train_batch_size, args.assignment_scope,
@@ -277,11 +277,6 @@ def main(args):
     end_training(accelerator)
 
 
-def per_class_groups(args, class_names):
-    """The number of classes when linear assignment runs within each class, else None."""
-    return len(class_names) if args.class_conditional and args.immiscible == "linear" else None
-
-
 def sampling_pipeline(unet, recipe, args, coupling):
     """The stock pipeline with a scheduler of its own, re-noising between steps as --renoise says."""
     pipeline = ConsistencyModelPipeline(unet=unet, scheduler=recipe.scheduler())
@@ -323,7 +318,8 @@ def push_to_hub(args, repo_id, summary, coupling):
                 "loss": args.loss, "noise levels": f"{args.curriculum_start} -> {args.curriculum_end}",
                 "sigma range": f"[{args.sigma_min}, {args.sigma_max}]", "dropout": args.dropout,
                 "mixed precision": summary["mixed_precision"],
-                "multistep sampling": "matched re-noising (immiscible_coupling.json)" if coupling.is_coupled else "stock"}
+                "multistep sampling": ("matched re-noising (immiscible_coupling.json)" if coupling.is_coupled
+                                       else "stock")}
     labels = ", class_labels=[0] * 16" if args.class_conditional else ""
     matched = ("# trained with noise assignment: re-noise between steps the same way (immiscible-diffusers)\n"
                "from immiscible_pipeline import matched_renoise\n\nmatched_renoise(pipeline)  # reads "

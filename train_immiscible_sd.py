@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.renoise import coupling_of_run
 from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
                                                             setup_accelerator, tracker_config, weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
@@ -450,6 +451,10 @@ def main(args):
                    "num_images": len(dataset), "caption_column": caption_column, "class_names": captioner.class_names,
                    "scaled_learning_rate": learning_rate, "mixed_precision": accelerator.mixed_precision}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # immiscible_coupling.json: how a re-noising sampler (Euler ancestral, DDPM) should draw its noise
+        coupling_of_run(args.immiscible, args.immiscible_k, args.train_batch_size, args.assignment_scope,
+                        accelerator.num_processes,
+                        captioner.class_names if args.immiscible_groups == "label" else None).save(args.output_dir)
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)

@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
+from immiscible_pipeline.renoise import coupling_of_run
 from immiscible_pipeline.training.accelerator_setup import (end_training, make_lr_scheduler, setup_accelerator,
                                                             tracker_config, weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_immiscible_arguments, add_optimizer_arguments,
@@ -380,6 +381,10 @@ def main(args):
                    "prompts_encoded": prompt_embeddings.encoded,
                    "text_encoders_offloaded": prompt_embeddings.offloaded}
         (Path(args.output_dir) / "training_config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # immiscible_coupling.json: how a re-noising sampler (Euler ancestral, DDPM) should draw its noise
+        coupling_of_run(args.immiscible, args.immiscible_k, args.train_batch_size, args.assignment_scope,
+                        accelerator.num_processes,
+                        data.captioner.class_names if args.immiscible_groups == "label" else None).save(args.output_dir)
         logger.info(f"Saved {saved}")
         if args.push_to_hub:
             push_to_hub(args, repo_id, summary)

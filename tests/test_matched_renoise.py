@@ -246,7 +246,7 @@ def test_coupling_of_a_run_and_the_warning(caplog):
     assert coupling_of_run("linear", 8, 16, "auto", 2).group_size == 32  # auto: global at this size
     auto_large = coupling_of_run("linear", 8, 1024, "auto", 2)
     assert (auto_large.group_size, auto_large.scope) == (1024, "local")
-    assert coupling_of_run("linear", 8, 64, "local", 2, num_classes=10).group_size == 6
+    assert coupling_of_run("linear", 8, 64, "local", 2, class_names=list("abcdefghij")).group_size == 6
     assert coupling_of_run("knn", 4, 64, "local", 1).is_coupled
     assert not coupling_of_run("linear", 8, 1, "local", 1).is_coupled  # batches of one pair nothing
     warned = set()

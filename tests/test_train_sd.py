@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 from launching import interrupt_after_first_step, launch_command, launch_environment, run_launched
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, scalars, tiny_sd  # noqa: F401 - fixtures
 
+from immiscible_pipeline import TrainingCoupling
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_immiscible_sd.py"
@@ -148,6 +150,9 @@ def test_assignment_grouped_by_label_is_logged_every_step(finetune):
     assert 0 < sum(noop) < 8
     assert all(r == 0 for r, n in zip(reductions, noop) if n) and min(reductions) >= 0
     assert "ema_decay" in logged
+    # What re-noising samplers should keep: linear within 2 classes of a batch of 2, groups of about one
+    coupling = TrainingCoupling.load(str(finetune))
+    assert (coupling.method, coupling.group_size, coupling.per_class) == ("linear", 1, True)
 
 
 def test_resume_from_checkpoint_is_exact(finetune, resumed):

@@ -26,6 +26,7 @@ from sd_fixtures import captioned_folder, one_thread, scalars, tiny_sd  # noqa: 
 from trainer_runs import launch, load_script, refused_flags, run_with_warnings as run, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
+from immiscible_pipeline import TrainingCoupling
 from immiscible_pipeline.training.diffusers_example_flags import (Alias, DREAMBOOTH_FLOW_FLAGS, EveryEpochs,
                                                                   Unsupported)
 from immiscible_pipeline.training.flow_matching import (FLOW_FAMILIES, flow_family, flow_matching_loss, interpolate,
@@ -277,6 +278,8 @@ def test_captions_win_over_the_instance_prompt_and_group_the_assignment(trainer,
     config = summary(tmp_path)
     assert config["caption_column"] == "text" and config["prompts_encoded"] > 2  # captions, not the one prompt
     assert scalars(tmp_path)["immiscible/relative_reduction"] == [0.0, 0.0]  # every caption its own group
+    coupling = TrainingCoupling.load(str(tmp_path))  # free-text groups are not modelled: the batch is recorded
+    assert (coupling.method, coupling.group_size, coupling.per_class) == ("linear", 4, False)
 
 
 def spy_on_the_loop(trainer, monkeypatch) -> dict:

@@ -9,5 +9,5 @@ from .coupling_record import COUPLING_FILE, TrainingCoupling, coupling_of_run
 from .matched_renoise import (DEFAULT_MATCHED_STEPS, independent_renoise, injects_noise, is_matched, matched_renoise,
                               warn_if_independent)
 
-__all__ = ["COUPLING_FILE", "DEFAULT_MATCHED_STEPS", "TrainingCoupling", "coupling_of_run", "independent_renoise", "injects_noise",
-           "is_matched", "matched_renoise", "warn_if_independent"]
+__all__ = ["COUPLING_FILE", "DEFAULT_MATCHED_STEPS", "TrainingCoupling", "coupling_of_run", "independent_renoise",
+           "injects_noise", "is_matched", "matched_renoise", "warn_if_independent"]

@@ -84,14 +84,16 @@ class TrainingCoupling:
 
 
 def coupling_of_run(method: str, k: int, batch_size: int, scope: str, num_processes: int,
-                    num_classes: int | None = None) -> TrainingCoupling:
+                    class_names: list | None = None) -> TrainingCoupling:
     """The coupling a trainer's flags give: the assignment group is the per-process batch (times the processes
-    where the scope, "auto" resolved, is global); per-class assignment (`num_classes`) splits it into groups of
-    about B / classes."""
+    where the scope, "auto" resolved, is global); linear assignment within each class (`class_names`: the classes
+    of a run that assigns per class) splits it into groups of about B / classes. Groups by free-text prompt,
+    whose sizes vary, are not modelled: the batch is recorded."""
     from ..noise.global_batch import resolve_scope
 
     scope = resolve_scope(scope, batch_size, num_processes) if num_processes > 1 else "local"  # one process: the same
     group = batch_size * (num_processes if scope == "global" else 1)
+    num_classes = len(class_names) if class_names and method == "linear" else 0
     if num_classes:
         group = max(1, round(group / num_classes))
     return TrainingCoupling(method=method, group_size=group, k=k if method == "knn" else 1, scope=scope,
