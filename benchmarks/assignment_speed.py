@@ -653,7 +653,7 @@ def add_scaling_targets(add, results: list[dict], scaling: list[dict], auto_dtyp
             ours, half = r["ours"], r["fp16_cdist_scipy"]
             add(f"(info) ours, digits B={r['batch']}, D={r['dim']}",
                 f"{fmt_ms(ours)} ms ({ours['cost_ms']:.0f} cost + {ours['solve_ms']:.0f} solve); fp16 cdist + scipy "
-                f"{fmt_ms(half)} ms", None)
+                f"{fmt_ms(half)} ms", "info")
 
 
 def report_targets(targets: list[dict]) -> str:

@@ -9,8 +9,8 @@ and each process keeps its own slice of that one permutation, so no noise is use
 another process). "local" assigns each process's batch on its own: no communication, and each batch is
 already a sample of the data. "auto" (the default) is global while the global batch has at most
 `AUTO_GLOBAL_MAX_BATCH` samples and local beyond: the exact solve runs on a CPU while every GPU waits, and it
-grows faster than N^2 (real digits against noise, 2-core Xeon, `benchmarks/assignment_speed.py`: about 35 ms
-at N = 1024, 0.2 s at 2048, 1.3 s at 4096), while the distance it removes grows only like log N.
+grows faster than N^2 (real digits against noise, D = 4096, 2-core Xeon with AMX, `benchmarks/assignment_speed.py`:
+about 60 ms at N = 1024, 0.3 s at 2048, 3 s at 4096), while the distance it removes grows only like log N.
 
 How (collectives only, no point-to-point sends; every process runs the same steps):
   1. all-gather a small header per process (batch size, sample size, dtype, groups or not, input error), so

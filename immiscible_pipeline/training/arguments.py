@@ -34,7 +34,7 @@ def add_immiscible_arguments(parser, sample_name: str = "image"):
                           f"(the official SD code's mode; communication every step); local = each process assigns "
                           f"its own batch; auto (default) = global while the batch of all processes has at most "
                           f"{AUTO_GLOBAL_MAX_BATCH} samples, local beyond, where the exact solve (on the CPU, while "
-                          f"the GPUs wait) grows past ~0.2 s per step (docs/benchmarks.md). One process: all alike.")
+                          f"the GPUs wait) grows past 0.3 s per step (docs/benchmarks.md). One process: all alike.")
     imm.add_argument("--assignment_cost_dtype", type=str, default="auto", choices=COST_DTYPE_CHOICES,
                      help="Precision of the x.n product in the linear assignment cost: auto (bfloat16 on GPUs and "
                           "CPUs with fast bf16, float32 elsewhere), float32 (exact), bfloat16, float16.")
