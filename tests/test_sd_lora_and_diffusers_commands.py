@@ -129,8 +129,8 @@ def test_lora_weights_load_in_plain_diffusers_and_change_the_output(lora, tiny_s
     first = lora["first"]
     assert not (first / "model_index.json").exists() and not (first / "unet").exists()  # LoRA weights only
     assert lora["final"] and all(key.startswith("unet.") and ".lora" in key for key in lora["final"])
-    assert lora["checkpoint_files"] == {  # diffusers' LoRA checkpoint layout; no copy of the frozen base
-        name: ["optimizer.bin", LORA_WEIGHTS_NAME, "random_states_0.pkl", "scheduler.bin"]
+    assert lora["checkpoint_files"] == {  # diffusers' LoRA checkpoint layout and the run's seed; no frozen base
+        name: ["optimizer.bin", LORA_WEIGHTS_NAME, "random_states_0.pkl", "run_seed.json", "scheduler.bin"]
         for name in ("checkpoint-2", "checkpoint-4")}
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
     base = generate(pipeline, INSTANCE_PROMPT)
