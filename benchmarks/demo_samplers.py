@@ -96,7 +96,7 @@ def score(sampler: Sampler, name: str, folder: str, args, coupled: bool) -> dict
 
 
 def markdown(family: str, methods: list[str], samplers: list[Sampler], table: dict, seeds: list[int],
-             num_samples: int, machine: str, train_seconds: dict) -> str:
+             num_samples: int, machine: str, train_seconds: dict, threads: int) -> str:
     def cell(values: list[float], digits: str) -> str:
         if len(values) == 1:
             return format(values[0], digits)
@@ -115,7 +115,8 @@ def markdown(family: str, methods: list[str], samplers: list[Sampler], table: di
         readable = [cell([table[(m, s, sampler.name)]["confident_fraction"] for s in seeds], ".3f") for m in methods]
         lines.append(f"| {sampler.describe()} | " + " | ".join(fids + readable) + " |")
     trained = ", ".join(f"{m} {sec / 60:.1f} min" for m, sec in train_seconds.items() if sec)
-    lines += ["", f"Machine: {machine}." + (f" Training (1 thread, machine shared): {trained}." if trained else ""), ""]
+    lines += ["", f"Machine: {machine}." + (f" Training of this invocation ({threads} threads each, machine shared): "
+                                             f"{trained}." if trained else ""), ""]
     return "\n".join(lines)
 
 
@@ -154,7 +155,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_reference", type=int, default=10_000)
     parser.add_argument("--classifier_steps", type=int, default=1500, help="the feature classifier's training steps")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training run")
-    parser.add_argument("--work_dir", default=None, help="models and scores (default benchmark-results/demo-samplers/<family>)")
+    parser.add_argument("--work_dir", default=None,
+                        help="models and scores (default benchmark-results/demo-samplers/<family>)")
     parser.add_argument("--output_dir", default=None, help="default docs/sampling-demo/<family>")
     parser.add_argument("--cache_dir", default=None, help="classifier / reference-feature cache")
     args = parser.parse_args(argv)
@@ -183,7 +185,8 @@ def main(argv=None) -> dict:
             for sampler in args.parsed:
                 table[(name, seed, sampler.name)] = score(sampler, name, folder, args,
                                                           coupled=coupling is not None and coupling.is_coupled)
-    text = markdown(args.family, args.methods, args.parsed, table, args.seeds, args.num_samples, machine, train_seconds)
+    text = markdown(args.family, args.methods, args.parsed, table, args.seeds, args.num_samples, machine, train_seconds,
+                    args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
         handle.write(text)
