@@ -44,7 +44,7 @@ from immiscible_pipeline.training.diffusers_example_flags import (SDXL_TEXT_TO_I
                                                                   add_diffusers_flags, steps_from_epoch_flags)
 from immiscible_pipeline.training.hub_publishing import (card_description, immiscible_tags, lora_usage,
                                                          upload_output_folder, write_model_card)
-from immiscible_pipeline.training.image_data import describe_dataset, load_image_dataset, train_dataloader, TrainImages
+from immiscible_pipeline.data import describe_dataset, load_image_dataset, train_dataloader, TrainImages
 from immiscible_pipeline.training.latent_cache import CACHE_DTYPES, batch_latents, build_latent_cache, CachedLatents
 from immiscible_pipeline.training.lora import (add_unet_lora, base_pipeline_with_lora, register_lora_checkpoint_hooks,
                                                save_unet_lora)

@@ -42,7 +42,7 @@ from immiscible_pipeline.training.flow_matching import (flow_family, flow_matchi
                                                         sample_timesteps, WEIGHTING_SCHEMES)
 from immiscible_pipeline.training.hub_publishing import (CHECKPOINT_PATTERNS, card_description, immiscible_tags,
                                                          lora_usage, upload_output_folder, write_model_card)
-from immiscible_pipeline.training.image_data import train_dataloader
+from immiscible_pipeline.data import train_dataloader
 from immiscible_pipeline.training.latent_cache import batch_latents
 from immiscible_pipeline.training.prompt_embeddings import known_prompts, PromptEmbeddings, PromptTexts
 from immiscible_pipeline.training.prompted_data import (add_prompted_data_arguments, latent_training_samples,

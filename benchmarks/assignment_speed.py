@@ -55,7 +55,7 @@ from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline import ImmiscibleNoise, knn_noise_reference, pairwise_l2, solve_assignment  # noqa: E402
 from immiscible_pipeline.noise.linear_assignment import (COST_DTYPES, installed_solvers, resolve_cost_dtype,  # noqa: E402
                                                          resolve_solver)
-from immiscible_pipeline.training.image_data import mnist_arrays  # noqa: E402
+from immiscible_pipeline.data import mnist_arrays  # noqa: E402
 
 FULL_BATCH_SIZES = (64, 128, 256, 512, 1024, 2048)
 FULL_DIMS = (3072, 4096, 16384)

@@ -78,7 +78,7 @@ from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from immiscible_pipeline.evaluation.classifier import ClassifierTraining  # noqa: E402
 from immiscible_pipeline.evaluation.pipeline_metrics import TrainingEvaluator  # noqa: E402
 from immiscible_pipeline.training.consistency_training import consistency_loss, ConsistencyRecipe  # noqa: E402
-from immiscible_pipeline.training.image_data import ImageTransform, load_mnist, sample_seed, TrainImages  # noqa: E402
+from immiscible_pipeline.data import ImageTransform, load_mnist, sample_seed, TrainImages  # noqa: E402
 from immiscible_pipeline.training.losses import diffusion_loss  # noqa: E402
 from immiscible_pipeline.training.sample_grids import averaged_weights  # noqa: E402
 from immiscible_pipeline.training.unet_presets import MNIST_UNET  # noqa: E402

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
-from immiscible_pipeline.training.image_data import ImageTransform, mnist_arrays, sample_seed  # noqa: E402
+from immiscible_pipeline.data import ImageTransform, mnist_arrays, sample_seed  # noqa: E402
 
 SOURCES = ("mnist", "gaussian")
 SHAPES = {256: (1, 16, 16), 3072: (3, 32, 32), 4096: (4, 32, 32), 16384: (4, 64, 64)}

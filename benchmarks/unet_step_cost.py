@@ -171,7 +171,7 @@ LOADERS = ["per image (TrainImages)", "resized once (PreparedTrainImages)"]
 
 def measure_loading(batch_sizes, repeats: int, warmup: int, quick: bool) -> tuple[list, dict]:
     """Milliseconds per batch of the demo's digits from each of LOADERS, and the one-off cost of the second."""
-    from immiscible_pipeline.training.image_data import (ImageTransform, PreparedTrainImages, TrainImages, load_mnist,
+    from immiscible_pipeline.data import (ImageTransform, PreparedTrainImages, TrainImages, load_mnist,
                                                          train_dataloader)
 
     digits = load_mnist("test").select(range(2000)) if quick else load_mnist("train")

@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 import immiscible_pipeline.noise.linear_assignment as linear_assignment
 from immiscible_pipeline import ImmiscibleNoise, assignment_permutation, pairwise_l2, solve_assignment
-from immiscible_pipeline.training.image_data import mnist_arrays
+from immiscible_pipeline.data import mnist_arrays
 
 
 def total_distance(x0, noise):

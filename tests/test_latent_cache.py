@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL
 from sd_fixtures import captioned_folder, labelled_folder, one_thread, tiny_sd  # noqa: F401 - fixtures
 
 from immiscible_pipeline.training.captions import Captioner, PromptedSamples
-from immiscible_pipeline.training.image_data import load_image_dataset, train_dataloader, TrainImages
+from immiscible_pipeline.data import load_image_dataset, train_dataloader, TrainImages
 from immiscible_pipeline.training.latent_cache import (batch_latents, build_latent_cache, CachedLatents, chunk_path,
                                                        LatentCache, sample_latents)
 from immiscible_pipeline.training.stable_diffusion import FilteredImageTransform

@@ -294,7 +294,7 @@ def test_the_demo_batches_its_digits_from_memory(trainer):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from immiscible_pipeline.training.image_data import PreparedTrainImages
+    from immiscible_pipeline.data import PreparedTrainImages
     from immiscible_pipeline.training.pixel_trainers import pixel_training_data
 
     args = trainer.parse_args(["--train_batch_size", "4", "--resolution", "16"])  # main() takes it from the UNet

@@ -282,7 +282,7 @@ def test_clear_errors(tmp_path, tiny_sd, labelled_folder, captioned_folder):
 # --- the script's library pieces (in process) -----------------------------------------------------------------
 
 def test_resize_filter_is_used_and_the_rest_is_data_image_transform():
-    from immiscible_pipeline.training.image_data import ImageTransform
+    from immiscible_pipeline.data import ImageTransform
     from immiscible_pipeline.training.stable_diffusion import FilteredImageTransform
 
     pixels = torch.Generator().manual_seed(0)

@@ -183,7 +183,7 @@ def score_folder(args, reference, extractor_args) -> dict:
 
     from .pipeline_metrics import build_feature_extractor
     from .fid_kid import fid_kid
-    from ..training.image_data import image_files
+    from ..data import image_files
     from .reference_images import ReferenceSpec, load_reference_images
     from .reference_features import reference_features
 

@@ -7,7 +7,7 @@
 
 Images come back as uint8 [N, C, R, R], made by the trainers' own `data.ImageTransform` with a centre crop
 (grey or RGB to match the model, shorter side resized to R with PIL's bilinear filter, antialiased when
-shrinking), so reference and training images are prepared alike. Loading itself is `training/image_data.py`'s.
+shrinking), so reference and training images are prepared alike. Loading itself is `data/`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..training.image_data import ImageTransform, image_files, load_image_dataset, mnist_arrays, to_pil
+from ..data import ImageTransform, image_files, load_image_dataset, mnist_arrays, to_pil
 
 BUNDLED_MNIST = "mnist"
 IMAGE_COLUMNS = ("image", "img", "pixel_values")

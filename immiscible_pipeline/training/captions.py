@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .image_data import check_column, sample_seed
+from ..data import check_column, sample_seed
 
 SYNONYM_CHOICES = ("first", "random", "all")
 NO_LABEL = -1  # the label of rows without a class (ImageNet test split), and the group of dropped prompts

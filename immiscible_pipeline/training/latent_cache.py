@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .image_data import sample_seed
+from ..data import sample_seed
 
 CACHE_FORMAT = 1
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -17,7 +17,7 @@ def pixel_training_data(args, accelerator, channels: int, label_column: str | No
     `TrainImages` and their loader; the main process downloads and caches first. With `label_column` (a
     ClassLabel column, checked) batches also hold the labels. Returns (dataset, train_images, loader,
     description of the source, class names or None)."""
-    from .image_data import (ImageTransform, class_label_names, describe_dataset, load_image_dataset,
+    from ..data import (ImageTransform, class_label_names, describe_dataset, load_image_dataset,
                              train_dataloader, train_images_for)
 
     description = describe_dataset(args.dataset_name, args.train_data_dir)

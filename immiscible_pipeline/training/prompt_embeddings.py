@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 from .captions import PromptedSamples, PROMPT_STREAM
-from .image_data import sample_seed
+from ..data import sample_seed
 
 PROMPT_CACHE_SIZE = 256  # distinct prompts kept (Flux, 512 T5 tokens, bf16: 4 MB each)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .accelerator_setup import make_adamw
 from .captions import Captioner, prompt_column
-from .image_data import describe_dataset, load_image_dataset, TrainImages
+from ..data import describe_dataset, load_image_dataset, TrainImages
 from .latent_cache import build_latent_cache, CACHE_DTYPES, CachedLatents
 from .stable_diffusion import FilteredImageTransform, INTERPOLATIONS
 

@@ -1,4 +1,4 @@
-"""immiscible_pipeline.training.image_data: sources, column checks, transforms, seeded augmentation and shuffling,
+"""immiscible_pipeline.data: sources, column checks, transforms, seeded augmentation and shuffling,
 and the in-memory path for square array images (the bundled MNIST)."""
 
 import io
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import immiscible_pipeline.training.image_data as image_data
-from immiscible_pipeline.training.image_data import (EpochShuffle, ImageTransform, PreparedTrainImages, TrainImages,
+import immiscible_pipeline.data.train_images as train_images_module
+from immiscible_pipeline.data import (EpochShuffle, ImageTransform, PreparedTrainImages, TrainImages,
                                                      check_column, load_image_dataset, load_mnist, mnist_arrays,
                                                      to_pil, train_dataloader, train_images_for)
 
@@ -207,5 +207,5 @@ def test_train_images_for_picks_memory_for_square_arrays_only(tiny_imagefolder, 
         PreparedTrainImages(wide, "image", transform)
     folder = load_image_dataset(train_data_dir=str(tiny_imagefolder), cache_dir=str(tmp_path))
     assert type(train_images_for(folder, "image", transform)) is TrainImages  # files: decoded per step
-    monkeypatch.setattr(image_data, "PREPARED_BYTES_LIMIT", 6 * 8 * 8 * 3 - 1)  # one byte short of `colour`
+    monkeypatch.setattr(train_images_module, "PREPARED_BYTES_LIMIT", 6 * 8 * 8 * 3 - 1)  # one byte short of `colour`
     assert type(train_images_for(colour, "image", transform)) is TrainImages
