@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
 from immiscible_pipeline.renoise import coupling_of_run
 from immiscible_pipeline.training.accelerator_setup import (end_training, make_adamw, make_ema, make_lr_scheduler,
-                                                            setup_accelerator, tracker_config, weight_dtype)
+                                                            seed_noise_streams, setup_accelerator, tracker_config,
+                                                            weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_immiscible_arguments,
                                                     add_optimizer_arguments, add_output_arguments,
                                                     assignment_batch_warning, check_common_args, min_snr_gamma)
@@ -345,7 +345,7 @@ def main(args):
                 f"{caption_column!r}; noise assignment: {immiscible!r}, scope {args.assignment_scope}, "
                 f"groups {args.immiscible_groups}")
 
-    set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
+    seed_noise_streams(args.seed, accelerator)  # from here on, different noise and timesteps on each process
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)  # or a new run
     inference_scheduler = load_inference_scheduler(args.pretrained_model_name_or_path, args.revision,
                                                    noise_scheduler.config.prediction_type)

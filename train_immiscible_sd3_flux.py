@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from immiscible_pipeline.noise.global_batch import build_immiscible
 from immiscible_pipeline.renoise import coupling_of_run
-from immiscible_pipeline.training.accelerator_setup import (end_training, make_lr_scheduler, setup_accelerator,
-                                                            tracker_config, weight_dtype)
+from immiscible_pipeline.training.accelerator_setup import (end_training, make_lr_scheduler, seed_noise_streams,
+                                                            setup_accelerator, tracker_config, weight_dtype)
 from immiscible_pipeline.training.arguments import (LR_SCHEDULERS, add_immiscible_arguments, add_optimizer_arguments,
                                                     add_output_arguments, assignment_batch_warning, check_common_args)
 from immiscible_pipeline.training.checkpoints import epoch_plan, register_checkpoint_hooks, resume
@@ -301,7 +300,7 @@ def main(args):
                 f"{args.immiscible_groups}")
 
     if args.seed is not None:
-        set_seed(args.seed, device_specific=True)  # from here on, different noise and timesteps on each process
+        seed_noise_streams(args.seed, accelerator)  # from here on, different noise and timesteps on each process
     global_step, first_epoch, resume_batches = resume(accelerator, args, num_update_steps)  # or a new run
     inference_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(subfolder="scheduler", **pretrained)
 

@@ -77,13 +77,15 @@ from benchmarks.machine_info import cpu_model_and_flags  # noqa: E402
 from immiscible_pipeline import ImmiscibleNoise  # noqa: E402
 from immiscible_pipeline.evaluation.classifier import ClassifierTraining  # noqa: E402
 from immiscible_pipeline.evaluation.pipeline_metrics import TrainingEvaluator  # noqa: E402
-from immiscible_pipeline.training.consistency_training import consistency_loss, ConsistencyRecipe  # noqa: E402
+from immiscible_pipeline.training.accelerator_setup import noise_stream_seed  # noqa: E402
+from immiscible_pipeline.training.consistency_training import ConsistencyRecipe  # noqa: E402
 from immiscible_pipeline.data import ImageTransform, load_mnist, sample_seed, TrainImages  # noqa: E402
-from immiscible_pipeline.training.losses import diffusion_loss  # noqa: E402
+from immiscible_pipeline.training.pixel_objectives import (ConsistencyObjective, DiffusionObjective,  # noqa: E402
+                                                          FlowObjective)
 from immiscible_pipeline.training.sample_grids import averaged_weights  # noqa: E402
 from immiscible_pipeline.training.unet_presets import MNIST_UNET  # noqa: E402
 
-FAMILIES = ("ddim", "cm")
+FAMILIES = ("ddim", "cm", "flow")
 METHODS = ("none", "linear", "knn")
 CONVERGED_BELOW = 0.10  # converged: vanilla's FID improved by less than this fraction over the last doubling
 SMOKE_UNET = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
@@ -95,8 +97,12 @@ FAMILY_DEFAULTS = {
              "eval_samples": 1000, "eval_inference_steps": [5, 10, 25, 50], "knn_k": [8]},
     "cm": {"learning_rate": 1e-3, "adam_beta1": 0.9, "weight_decay": 0.0, "eval_every": 500,
            "eval_samples": 2000, "eval_inference_steps": [1, 2], "knn_k": [4]},
+    "flow": {"learning_rate": 3e-4, "adam_beta1": 0.95, "weight_decay": 1e-6, "eval_every": 1000,
+             "eval_samples": 1000, "eval_inference_steps": [1, 2, 4, 8, 16], "knn_k": [4]},
 }
-TRAINERS = {"ddim": "train_immiscible_ddim.py", "cm": "train_immiscible_cm.py"}
+# The flow family's objective: train_immiscible_flow.py's defaults (diffusers' SD3 example's timestep density).
+FLOW_SETTINGS = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+TRAINERS = {"ddim": "train_immiscible_ddim.py", "cm": "train_immiscible_cm.py", "flow": "train_immiscible_flow.py"}
 
 
 @dataclass
@@ -116,7 +122,11 @@ class Settings:
     unet: dict = field(default_factory=lambda: dict(MNIST_UNET))
     classifier: dict = field(default_factory=lambda: asdict(ClassifierTraining()))
     recipe: dict | None = None  # cm: the ConsistencyRecipe's fields
+    flow: dict | None = None  # flow: the FlowObjective's arguments
     train_eval: bool = True  # False: no FID during training, only the weights kept for --reevaluate
+    # disjoint: the trainers' seeds (weights from seed s, noise from noise_stream_seed(s, 0)) and their fused AdamW
+    # and foreach EMA; overlapping: runs made before (noise from seed s + 1, the next seed's weights; per-tensor)
+    seed_streams: str = "disjoint"
 
     def eval_steps(self) -> list[int]:
         """Every `eval_every` steps, plus every halving of the run down to 1/16 of it (250, 500, 1000, 2000,
@@ -130,8 +140,13 @@ class Settings:
 
     def key(self) -> str:
         fields = asdict(self)
+        # Fields added later drop out at the values runs made before them had, so those runs keep their names.
         if fields["train_eval"]:
-            del fields["train_eval"]  # added later: runs made before it keep their names
+            del fields["train_eval"]
+        if fields["flow"] is None:
+            del fields["flow"]
+        if fields["seed_streams"] == "overlapping":
+            del fields["seed_streams"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -175,49 +190,17 @@ def batches(images: torch.Tensor, batch_size: int, seed: int):
         epoch += 1
 
 
-# --- the two families' losses and samplers ------------------------------------------------------------------
+# --- the families' losses and samplers: the trainers' own objects ------------------------------------------------
 
-class DDIMObjective:
-    """train_immiscible_ddim.py's loss (epsilon prediction on 1000 linear-beta DDPM steps) and its DDIMPipeline."""
-
-    def __init__(self, settings: Settings):
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                             prediction_type="epsilon")
-
-    def loss(self, model, clean, noise, step_index: int):
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean.shape[0],))
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        return diffusion_loss(self.noise_scheduler, model(noisy, timesteps).sample, clean, noise, timesteps)
-
-    def pipeline(self, model):
-        from diffusers import DDIMPipeline, DDIMScheduler
-
-        return DDIMPipeline(unet=model, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config))
-
-
-class ConsistencyObjective:
-    """train_immiscible_cm.py's loss (improved consistency training, one noise for both levels) and its
-    ConsistencyModelPipeline with the recipe's stock scheduler."""
-
-    def __init__(self, settings: Settings):
-        self.recipe = ConsistencyRecipe(**settings.recipe)
-        self.scheduler = self.recipe.scheduler()
-        self.total_steps = settings.steps  # the curriculum spans the run
-
-    def loss(self, model, clean, noise, step_index: int):
-        sigma_low, sigma_high = self.recipe.sample_sigmas(clean.shape[0], step_index, self.total_steps, clean.device)
-        return consistency_loss(model, clean, noise, sigma_low, sigma_high, self.scheduler, self.recipe,
-                                target_model=model)
-
-    def pipeline(self, model):
-        from diffusers import ConsistencyModelPipeline
-
-        return ConsistencyModelPipeline(unet=model, scheduler=self.scheduler)
-
-
-OBJECTIVES = {"ddim": DDIMObjective, "cm": ConsistencyObjective}
+def make_objective(settings: Settings):
+    """The trainer's objective for `settings.family`: DDIM on 1000 linear-beta DDPM steps with epsilon prediction
+    (train_immiscible_ddim.py with a dataset), consistency training with the settings' recipe
+    (train_immiscible_cm.py), rectified flow with the settings' timestep density (train_immiscible_flow.py)."""
+    if settings.family == "ddim":
+        return DiffusionObjective(1000, "linear", "epsilon")
+    if settings.family == "cm":
+        return ConsistencyObjective(ConsistencyRecipe(**settings.recipe))
+    return FlowObjective(**settings.flow)
 
 
 def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, evaluator: TrainingEvaluator,
@@ -233,14 +216,18 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
     torch.manual_seed(seed)  # the same initial weights for every method
     model = UNet2DModel.from_config(settings.unet)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                   model_cls=UNet2DModel, model_config=model.config)
-    objective = OBJECTIVES[settings.family](settings)
+                   foreach=settings.seed_streams == "disjoint", model_cls=UNet2DModel, model_config=model.config)
+    objective = make_objective(settings)
+    # The trainers' fused AdamW; runs with overlapping seed streams (made before) used the per-tensor one.
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(settings.adam_beta1, 0.999),
-                                  weight_decay=settings.weight_decay, eps=1e-8)
+                                  weight_decay=settings.weight_decay, eps=1e-8,
+                                  fused=settings.seed_streams == "disjoint")
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=settings.warmup_steps,
                                  num_training_steps=settings.steps)
     immiscible = ImmiscibleNoise(method=method, k=k)
-    torch.manual_seed(seed + 1)  # noise and levels: the same stream for every method (KNN draws more of it)
+    # Noise and levels: the same stream for every method (KNN draws more of it), the trainers' stream for this
+    # seed; "overlapping" (runs made before) used seed + 1, the next seed's initial weights.
+    torch.manual_seed(noise_stream_seed(seed, 0) if settings.seed_streams == "disjoint" else seed + 1)
     eval_at = set(settings.eval_steps())
     report_every = max(1, settings.steps // 10)
     curves = {str(n): [] for n in settings.eval_inference_steps}
@@ -253,7 +240,7 @@ def train_run(name: str, seed: int, settings: Settings, images: torch.Tensor, ev
         t0 = time.perf_counter()
         noise = immiscible(clean)  # Immiscible Diffusion: the noise assigned to this batch
         t1 = time.perf_counter()
-        loss = objective.loss(model, clean, noise, step - 1)
+        loss = objective.loss(model, clean, noise, step - 1, settings.steps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -320,9 +307,6 @@ def save_weights(model, weights_dir: str, step: int) -> None:
 def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_config: str) -> list[str]:
     """The trainer's command line for this run (the same settings as the loop, as the trainer's flags)."""
     method, k = parse_method(name)
-    if settings.family == "ddim" and len(settings.eval_inference_steps) > 1:
-        raise ValueError("--backend script: train_immiscible_ddim.py evaluates at one sampler step count; give one "
-                         "--eval_inference_steps (or use --backend loop)")
     never = str(10 * settings.steps)
     command = [sys.executable, os.path.join(REPO, TRAINERS[settings.family]), "--output_dir", run_dir,
                "--seed", str(seed), "--immiscible", method, "--immiscible_k", str(k),
@@ -334,6 +318,10 @@ def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_
                "--eval_num_samples", str(settings.eval_samples), "--eval_num_reference", str(settings.num_reference),
                "--eval_inference_steps", *map(str, settings.eval_inference_steps),
                "--checkpointing_steps", never, "--validation_steps", never, "--report_to", "tensorboard"]
+    if settings.family == "ddim":  # the loop's objective, not the MNIST demo's
+        command += ["--prediction_type", "epsilon", "--ddpm_beta_schedule", "linear", "--snr_gamma", "0"]
+    if settings.family == "flow":
+        command += [item for name, value in settings.flow.items() for item in (f"--{name}", str(value))]
     if settings.family == "cm":
         recipe = settings.recipe
         command += ["--dropout", str(settings.unet.get("dropout", 0.0)), "--loss", recipe["loss"],
@@ -551,13 +539,14 @@ def machine() -> str:
 
 
 def sampler_name(family: str, n: int) -> str:
-    return f"DDIM-{n}" if family == "ddim" else f"{n}-step consistency sampling"
+    return {"ddim": f"DDIM-{n}", "cm": f"{n}-step consistency sampling", "flow": f"Euler-{n}"}[family]
 
 
 def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[int], settings: Settings,
              classifier_accuracy: float | None, wall_minutes: float, backend: str = "loop") -> str:
     accuracy = "" if classifier_accuracy is None else f", classifier test accuracy {classifier_accuracy:.4f}"
-    lines = [f"# Convergence benchmark: {settings.family} ({'DDIM' if settings.family == 'ddim' else 'consistency model'})",
+    title = {"ddim": "DDIM", "cm": "consistency model", "flow": "rectified flow, Euler sampling"}[settings.family]
+    lines = [f"# Convergence benchmark: {settings.family} ({title})",
              "", f"FID of the EMA weights (classifier features{accuracy}; {settings.eval_samples} samples vs "
              f"{settings.num_reference} training digits), mean ± std over {len(seeds)} seed(s) {seeds}, at each "
              f"sampler step count {settings.eval_inference_steps}.", ""]
@@ -628,7 +617,12 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
                       f"[{recipe.sigma_min:g}, {recipe.sigma_max:g}]. The curriculum depends on the total steps: a "
                       "run with another horizon trains on another curriculum, so these curves are not the first part "
                       "of a longer run's, and a longer run's FID at the same step can differ."]
-    lines += ["", f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
+    if settings.family == "flow":
+        flow = settings.flow
+        lines += ["", f"Rectified flow: x_t = (1 - s) x0 + s z, velocity target z - x0, levels s by the "
+                      f"{flow['weighting_scheme']} density (mean {flow['logit_mean']:g}, std {flow['logit_std']:g}), "
+                      "FlowMatchEulerDiscreteScheduler (Euler from s = 1 to 0) in a stock DDPMPipeline."]
+    lines += ["", f"Seed streams: {settings.seed_streams}.", "", f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
                   f"{sum(r['wall_seconds'] for r in runs) / 60:.1f} min (pauses included); of this invocation: "
                   f"{wall_minutes:.1f} min."]
     timed = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
@@ -713,6 +707,10 @@ def parse_args(argv=None):
                         help="--reevaluate at these training steps only (default: every evaluation step)")
     parser.add_argument("--reeval_samples", type=int, default=None,
                         help="samples per --reevaluate score (default: the family's --eval_samples)")
+    parser.add_argument("--seed_streams", choices=("disjoint", "overlapping"), default="disjoint",
+                        help="disjoint (default): the trainers' seeds, fused AdamW and foreach EMA; overlapping: "
+                             "as the runs made before (noise stream of seed s = initial weights of seed s + 1), to "
+                             "reuse or reproduce them")
     parser.add_argument("--smoke", action="store_true", help="a few steps, one seed, tiny model and evaluation")
     args = parser.parse_args(argv)
     try:
@@ -743,10 +741,13 @@ def build_settings(args) -> Settings:
     for name in ("steps", "eval_every", "eval_samples", "eval_inference_steps", "batch_size", "learning_rate"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if args.family == "flow":
+        settings.flow = dict(FLOW_SETTINGS)
     if args.family == "cm":
         settings.recipe = asdict(ConsistencyRecipe())
         settings.unet = {**settings.unet, "dropout": 0.0}  # the trainer's MNIST demo trains without dropout
     settings.train_eval = not args.no_train_eval
+    settings.seed_streams = args.seed_streams
     return settings
 
 
@@ -845,7 +846,7 @@ def reevaluate(args, settings: Settings, methods: list[str], runs: list[dict], e
         evaluator.num_samples = args.reeval_samples
     study_dir = os.path.join(output_dir, "samplers")
     os.makedirs(os.path.join(study_dir, "scores"), exist_ok=True)
-    objective = OBJECTIVES[settings.family](settings)
+    objective = make_objective(settings)
     for run in runs:
         run_name = f"{run['method']}-seed{run['seed']}-{settings.key()}"
         method, k = parse_method(run["method"])

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
+import immiscible_pipeline.training.pixel_run as pixel_run
 from immiscible_pipeline import TrainingCoupling
 from immiscible_pipeline.training.consistency_training import denoise
 
@@ -128,7 +129,7 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_is_exact_and_samples_like_the_tr
 def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer, tmp_path, tiny_args, monkeypatch):
     output = tmp_path / "run"
     groups_seen = []
-    real_build = trainer.build_immiscible
+    real_build = pixel_run.build_immiscible
 
     def recording_build(*args, **kwargs):
         imm = real_build(*args, **kwargs)
@@ -141,7 +142,7 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
                 return imm(x0, groups=groups)
         return Recorder()
 
-    monkeypatch.setattr(trainer, "build_immiscible", recording_build)
+    monkeypatch.setattr(pixel_run, "build_immiscible", recording_build)
     monkeypatch.setattr(hub, "create_repo", lambda **kwargs: type("Repo", (), {"repo_id": "me/tiny-cm"})())
     uploaded = []
     monkeypatch.setattr(hub, "upload_folder", lambda **kwargs: uploaded.append(kwargs))
@@ -172,8 +173,8 @@ def test_class_conditional_run_assigns_within_classes_and_pushes_a_card(trainer,
 
 def test_independent_renoise_is_stock_sampling_and_warns_once(trainer, tmp_path, tiny_args, monkeypatch, caplog):
     grids = []
-    real_sample = trainer.sample_images
-    monkeypatch.setattr(trainer, "sample_images", lambda pipeline, **kw: grids.append(
+    real_sample = pixel_run.sample_images
+    monkeypatch.setattr(pixel_run, "sample_images", lambda pipeline, **kw: grids.append(
         hasattr(pipeline.scheduler, "coupled_noise")) or real_sample(pipeline, **kw))
     with caplog.at_level("WARNING"):
         run_in_process(trainer, tiny_args(tmp_path / "independent", "--max_train_steps", 1, "--report_to", "none",
@@ -195,7 +196,7 @@ def test_defaults_follow_ict_with_a_dataset_and_fit_a_cpu_without(trainer, tiny_
     assert (epochs.num_epochs, epochs.max_train_steps) == (2, None)
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert (dataset.dropout, dataset.learning_rate, dataset.max_train_steps) == (0.3, 1e-4, None)
-    recipe = dataset.recipe
+    recipe = dataset.consistency
     assert (recipe.sigma_min, recipe.sigma_max, recipe.sigma_data, recipe.rho) == (0.002, 80.0, 0.5, 7.0)
     assert (recipe.curriculum_start, recipe.curriculum_end, recipe.p_mean, recipe.p_std) == (10, 1280, -1.1, 2.0)
     assert recipe.loss == "pseudo_huber" and dataset.immiscible_k == 4 and dataset.eval_inference_steps == [1, 2]

@@ -18,6 +18,8 @@ from launching import interrupt_after_first_step, launch_command, launch_environ
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
 import immiscible_pipeline.training.hub_publishing as hub
+import immiscible_pipeline.training.pixel_objectives as pixel_objectives
+import immiscible_pipeline.training.pixel_run as pixel_run
 import immiscible_pipeline.training.step_bookkeeping as step_bookkeeping
 from immiscible_pipeline import TrainingCoupling
 
@@ -83,7 +85,10 @@ def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, t
     history = [json.loads(line) for line in (output / "eval_history.jsonl").read_text().splitlines()]
     assert [record["step"] for record in history] == [1, 2]
     assert all(record["fid"] > 0 and record["feature"] == "inception" for record in history)
-    assert logged["eval/fid"] == pytest.approx(history[-1]["fid"], rel=1e-5) and "eval/kid_mean" in logged
+    steps = history[-1]["num_inference_steps"]  # --ddim_num_inference_steps: the default DDIM step count
+    assert steps == summary(output)["ddim_num_inference_steps"]
+    assert logged[f"eval/{steps}_step/fid"] == pytest.approx(history[-1]["fid"], rel=1e-5)
+    assert f"eval/{steps}_step/kid_mean" in logged
 
 
 # --- in-process runs -------------------------------------------------------------------------------------
@@ -187,7 +192,8 @@ def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, t
 
 def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp_path, tiny_args, monkeypatch):
     returned, losses, added, gammas = [], [], [], []
-    real_build, real_loss, real_add_noise = trainer.build_immiscible, trainer.min_snr_loss, DDPMScheduler.add_noise
+    real_build, real_loss = pixel_run.build_immiscible, pixel_objectives.min_snr_loss
+    real_add_noise = DDPMScheduler.add_noise
 
     def build_permuting(*args, **kwargs):
         imm = real_build(*args, **kwargs)
@@ -210,8 +216,8 @@ def test_the_loss_target_and_the_added_noise_are_the_assigned_noise(trainer, tmp
         added.append(noise.clone())
         return real_add_noise(self, original, noise, timesteps)
 
-    monkeypatch.setattr(trainer, "build_immiscible", build_permuting)
-    monkeypatch.setattr(trainer, "min_snr_loss", recording_loss)
+    monkeypatch.setattr(pixel_run, "build_immiscible", build_permuting)
+    monkeypatch.setattr(pixel_objectives, "min_snr_loss", recording_loss)
     monkeypatch.setattr(DDPMScheduler, "add_noise", recording_add_noise)
     # "global" with one process must simply work (the same as local).
     run_in_process(trainer, tiny_args(tmp_path / "run", "--max_train_steps", 3, "--report_to", "none",
@@ -306,25 +312,31 @@ def test_the_demo_batches_its_digits_from_memory(trainer):
     assert -1 <= batch["pixel_values"].min() < batch["pixel_values"].max() <= 1
 
 
-def test_defaults_depend_on_whether_a_dataset_is_given(trainer, tiny_imagefolder):
+def test_defaults_follow_the_recipe_diffusers_for_a_dataset_and_the_demo_without(trainer, tiny_imagefolder):
     demo = trainer.parse_args([])
-    assert demo.bundled_demo and demo.use_ema
-    assert (demo.max_train_steps, demo.train_batch_size, demo.learning_rate) == (5200, 16, 1e-3)
-    assert (demo.prediction_type, demo.ddpm_beta_schedule, demo.snr_gamma) == ("sample", "squaredcos_cap_v2", 0.5)
+    assert demo.bundled_demo and demo.recipe == "mnist-demo"
+    for flag, value in trainer.RECIPES["mnist-demo"].defaults.items():
+        assert flag == "unet" or getattr(demo, flag) == (value or None if flag == "snr_gamma" else value), flag
     mine = trainer.parse_args(["--no-use_ema", "--max_train_steps", "10", "--learning_rate", "1e-5"])
-    assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)
+    assert (mine.use_ema, mine.max_train_steps, mine.learning_rate) == (False, 10, 1e-5)  # flags given win
+    # A diffusers train_unconditional.py command line trains what it would: its UNet at 64 px, batch 16, 1e-4
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
-    assert not dataset.bundled_demo and dataset.max_train_steps is None and dataset.use_ema is False
-    assert dataset.train_batch_size == 128
-    # with a dataset, train_unconditional.py's objective and schedule; --snr_gamma 0 turns the demo's weighting off
+    assert not dataset.bundled_demo and dataset.recipe == "diffusers" and dataset.max_train_steps is None
+    assert (dataset.train_batch_size, dataset.learning_rate, dataset.lr_warmup_steps, dataset.use_ema) == (
+        16, 1e-4, 500, False)
     assert (dataset.prediction_type, dataset.ddpm_beta_schedule, dataset.snr_gamma) == ("epsilon", "linear", None)
+    assert trainer.RECIPES["diffusers"].defaults["unet"]["sample_size"] == 64
+    # our own set-up goes by name
+    paper = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder), "--recipe", "cifar10-paper"])
+    assert (paper.train_batch_size, paper.learning_rate) == (128, 2e-4)
     assert trainer.parse_args(["--snr_gamma", "0"]).snr_gamma is None
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
-    assert dataset.eval_inference_steps == dataset.ddim_num_inference_steps
+    assert dataset.eval_inference_steps == [dataset.ddim_num_inference_steps]
     # the demo's step count stands in only when neither --num_epochs nor --max_train_steps is given
     assert (demo.num_epochs, dataset.num_epochs) == (100, 100)
     epochs = trainer.parse_args(["--num_epochs", "2"])
-    assert (epochs.num_epochs, epochs.max_train_steps, epochs.train_batch_size) == (2, None, 16)
+    assert (epochs.num_epochs, epochs.max_train_steps) == (2, None)
+    assert epochs.train_batch_size == trainer.RECIPES["mnist-demo"].defaults["train_batch_size"]
 
 
 @pytest.mark.parametrize("argv, message", [

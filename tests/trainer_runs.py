@@ -37,7 +37,8 @@ def run_in_process(trainer, argv):
 def spy_on_noise(trainer, monkeypatch, interrupt_on_call=()) -> list:
     """Wraps the script's noise assignment: returns the list of the batches it is called with, and sends this
     process a SIGINT during the calls numbered in `interrupt_on_call` (a set the test may change)."""
-    calls, real_build = [], trainer.build_immiscible
+    builder = builder_module(trainer)
+    calls, real_build = [], builder.build_immiscible
 
     def spying_build(*args, **kwargs):
         imm = real_build(*args, **kwargs)
@@ -52,8 +53,17 @@ def spy_on_noise(trainer, monkeypatch, interrupt_on_call=()) -> list:
                 return imm(x0, **kw)
         return Spy()
 
-    monkeypatch.setattr(trainer, "build_immiscible", spying_build)
+    monkeypatch.setattr(builder, "build_immiscible", spying_build)
     return calls
+
+
+def builder_module(trainer):
+    """Where a trainer's `build_immiscible` is looked up: the script, or the pixel trainers' skeleton it uses."""
+    if hasattr(trainer, "build_immiscible"):
+        return trainer
+    from immiscible_pipeline.training import pixel_run
+
+    return pixel_run
 
 
 def launch(script, argv, processes: int = 1) -> subprocess.CompletedProcess:

@@ -31,8 +31,8 @@ def setup_accelerator(args):
     one drawn and recorded, see `run_seed`) set on every process, the output folder and, with --push_to_hub, the
     Hub repo (created first so a bad token fails early). Returns (accelerator, repo_id or None).
 
-    The trainers later call `set_seed(args.seed, device_specific=True)`: process p then draws its noise and
-    timesteps from seed + p, distinct on every process."""
+    The trainers later call `seed_noise_streams(args.seed, accelerator)`: process p then draws its noise and
+    timesteps from a stream of its own that no run's initial weights come from."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -61,6 +61,24 @@ def setup_accelerator(args):
         if args.push_to_hub:
             repo_id = create_hub_repo(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
     return accelerator, repo_id
+
+
+NOISE_STREAM = 0x6E6F6973  # "nois": mixed into the noise streams' seeds, so that they never equal a weight seed
+
+
+def noise_stream_seed(seed: int, process_index: int) -> int:
+    """The seed of process `process_index`'s noise and timesteps in a run of seed `seed`: distinct on each
+    process, and apart from every run's initial weights (seed + p would be run seed + p's weights)."""
+    from ..data import sample_seed
+
+    return sample_seed(seed, NOISE_STREAM, process_index) % 2**32  # numpy's seeds are 32-bit
+
+
+def seed_noise_streams(seed: int, accelerator) -> None:
+    """From here on, each process draws its noise and timesteps from `noise_stream_seed(seed, its index)`."""
+    from accelerate.utils import set_seed
+
+    set_seed(noise_stream_seed(seed, accelerator.process_index))
 
 
 SEED_FILE = "run_seed.json"  # in every checkpoint: the seed a resumed run continues with

@@ -58,23 +58,36 @@ class TrainingProgress:
         return self.interrupted or self.finished
 
     def after_micro_batch(self, loss: torch.Tensor, parameters) -> bool:
-        accelerator, args = self.accelerator, self.args
-        self.train_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
+        """All of the below in one call (the latent trainers' loops): the loss, and at the end of an optimisation
+        step the EMA step, `end_step` and `checkpoint_if_due`."""
+        self.add_loss(loss)
+        if not self.accelerator.sync_gradients:
             return False
         if self.ema is not None:
             self.ema.step(parameters)
+        self.end_step()
+        return self.checkpoint_if_due()
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Adds a micro-batch's loss (averaged over processes) to the step's, for the logs. A collective."""
+        self.train_loss += self.accelerator.reduce(loss.detach(), "mean").item() / self.args.gradient_accumulation_steps
+
+    def end_step(self) -> None:
+        """After an optimisation step (and its EMA step): the step count, the logs and the progress bar."""
         self.global_step += 1
         self.bar.update(1)
         logs = step_logs(self.train_loss, self.lr_scheduler, self.immiscible, self.ema)
-        accelerator.log(logs, step=self.global_step)
+        self.accelerator.log(logs, step=self.global_step)
         self.bar.set_postfix(loss=self.train_loss, lr=logs["lr"])
         self.train_loss = 0.0
-        # A signal on any process: every process saves this step's checkpoint, then leaves (at the last step:
-        # the run just finishes).
+
+    def checkpoint_if_due(self) -> bool:
+        """A checkpoint every --checkpointing_steps, or at once when Ctrl-C / SIGTERM reached any process (every
+        process then saves this step's checkpoint and the loop ends; at the last step the run just finishes).
+        Returns False after such an interruption. A collective: call it on every process."""
         self.interrupted = self.stop.requested() and not self.finished
-        if self.global_step % args.checkpointing_steps == 0 or self.interrupted:
-            save_checkpoint(accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit)
+        if self.global_step % self.args.checkpointing_steps == 0 or self.interrupted:
+            save_checkpoint(self.accelerator, self.args.output_dir, self.global_step, self.args.checkpoints_total_limit)
         return not self.interrupted
 
     def close(self) -> None:

@@ -9,6 +9,9 @@ Three built-in presets:
   about 5 minutes to samples as good as the larger UNet's in 8 (the sweep is in docs/train-ddim.md).
 - `CIFAR10_UNET`: 32 px RGB, the DDPM CIFAR-10 architecture the Immiscible Diffusion DDIM experiments build
   on (channels 128-256-256-256, two layers per block, attention at 16 x 16, dropout 0.1; about 36M parameters).
+- `DIFFUSERS_UNCONDITIONAL_UNET`: the UNet diffusers' train_unconditional.py builds (64 px RGB, channels
+  128-128-256-256-512-512, two layers per block, attention at 4 x 4 on the way down and up): what its command
+  lines train with the DDIM trainer's "diffusers" recipe.
 Any other architecture: a diffusers config (a folder with config.json, a json file, or a Hub model id).
 """
 
@@ -41,6 +44,16 @@ CIFAR10_UNET = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     "dropout": 0.1,
+}
+
+DIFFUSERS_UNCONDITIONAL_UNET = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 128, 256, 256, 512, 512),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 
 
