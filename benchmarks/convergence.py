@@ -304,8 +304,10 @@ def save_weights(model, weights_dir: str, step: int) -> None:
 
 # --- the real trainers (--backend script) -----------------------------------------------------------------------
 
-def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_config: str) -> list[str]:
-    """The trainer's command line for this run (the same settings as the loop, as the trainer's flags)."""
+def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_config: str,
+                   evaluate: bool = True) -> list[str]:
+    """The trainer's command line for this run (the same settings as the loop, as the trainer's flags); without
+    `evaluate`, no FID during training."""
     method, k = parse_method(name)
     never = str(10 * settings.steps)
     command = [sys.executable, os.path.join(REPO, TRAINERS[settings.family]), "--output_dir", run_dir,
@@ -314,10 +316,11 @@ def script_command(name: str, seed: int, settings: Settings, run_dir: str, unet_
                "--max_train_steps", str(settings.steps), "--learning_rate", str(settings.learning_rate),
                "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", str(settings.warmup_steps),
                "--adam_beta1", str(settings.adam_beta1), "--adam_weight_decay", str(settings.weight_decay),
-               "--use_ema", "--eval_steps", str(settings.eval_every), "--eval_feature", "classifier",
-               "--eval_num_samples", str(settings.eval_samples), "--eval_num_reference", str(settings.num_reference),
-               "--eval_inference_steps", *map(str, settings.eval_inference_steps),
-               "--checkpointing_steps", never, "--validation_steps", never, "--report_to", "tensorboard"]
+               "--use_ema", "--checkpointing_steps", never, "--validation_steps", never, "--report_to", "tensorboard"]
+    if evaluate:
+        command += ["--eval_steps", str(settings.eval_every), "--eval_feature", "classifier",
+                    "--eval_num_samples", str(settings.eval_samples), "--eval_num_reference",
+                    str(settings.num_reference), "--eval_inference_steps", *map(str, settings.eval_inference_steps)]
     if settings.family == "ddim":  # the loop's objective, not the MNIST demo's
         command += ["--prediction_type", "epsilon", "--ddpm_beta_schedule", "linear", "--snr_gamma", "0"]
     if settings.family == "flow":

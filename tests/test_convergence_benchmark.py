@@ -143,11 +143,25 @@ def test_script_backend_gives_the_cm_trainer_the_loops_settings(convergence, tmp
     assert (args.immiscible, args.immiscible_k, args.seed) == ("knn", 4, 3)
     assert (args.train_batch_size, args.max_train_steps, args.learning_rate) == (64, 4000, 1e-3)
     assert (args.adam_beta1, args.adam_weight_decay, args.dropout, args.lr_warmup_steps) == (0.9, 0.0, 0.0, 100)
-    assert args.recipe == convergence.ConsistencyRecipe(**settings.recipe)
+    assert args.consistency == convergence.ConsistencyRecipe(**settings.recipe)
     assert args.eval_inference_steps == [1, 2] and args.eval_num_samples == 2000 and args.eval_steps == 500
-    ddim = convergence.build_settings(convergence.parse_args([]))
-    with pytest.raises(ValueError, match="one sampler step count"):
-        convergence.script_command("none", 0, ddim, "run", "unet.json")
+
+
+@pytest.mark.parametrize("family", ["ddim", "flow"])
+def test_script_backend_gives_the_ddim_and_flow_trainers_the_loops_objective(convergence, family, tmp_path):
+    from trainer_runs import load_script
+
+    trainer = load_script(pathlib.Path(REPO) / convergence.TRAINERS[family])
+    settings = convergence.build_settings(convergence.parse_args(["--family", family]))
+    command = convergence.script_command("linear", 1, settings, str(tmp_path / "run"), str(tmp_path / "unet.json"))
+    args = trainer.parse_args(command[2:])
+    assert args.eval_inference_steps == settings.eval_inference_steps and args.learning_rate == settings.learning_rate
+    objective = convergence.make_objective(settings)
+    if family == "ddim":  # the loop's epsilon objective on linear betas, not the MNIST demo's
+        assert (args.prediction_type, args.ddpm_beta_schedule, args.snr_gamma) == ("epsilon", "linear", None)
+        assert objective.noise_scheduler.config.prediction_type == "epsilon" and objective.snr_gamma is None
+    else:
+        assert (args.weighting_scheme, args.logit_mean, args.logit_std) == (objective.weighting_scheme, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("family, names, sampler_steps", [("ddim", ["none", "linear", "knn8"], ["1", "2"]),
@@ -228,3 +242,39 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
     assert not re.search(r"step +\d+ ddpm-2 +FID", capsys.readouterr().out)
     with pytest.raises(ValueError, match="does not sample the ddim family"):
         convergence.main(common + ["--no_train_eval", "--reevaluate", "cm-2"])
+
+
+@pytest.mark.parametrize("family", ["ddim", "cm", "flow"])
+def test_the_benchmark_loop_reaches_the_trainers_weights(convergence, family, tmp_path):
+    """The benchmark's evidence is about the shipped trainers: from the same seed, its loop and the trainer
+    (in this process, with the benchmark's flags) end a few linear-assignment steps with identical EMA weights."""
+    from safetensors.torch import load_file
+    from trainer_runs import load_script, run_in_process
+
+    settings = convergence.build_settings(convergence.parse_args(["--family", family, "--steps", "4",
+                                                                  "--batch_size", "8"]))
+    settings.unet, settings.warmup_steps, settings.train_eval = dict(convergence.SMOKE_UNET), 1, False
+    if family == "cm":
+        settings.unet["dropout"] = 0.0
+    unet_config = tmp_path / "unet.json"
+    unet_config.write_text(json.dumps({"_class_name": "UNet2DModel", **settings.unet}))
+    command = convergence.script_command("linear", 5, settings, str(tmp_path / "trainer"), str(unet_config),
+                                         evaluate=False)
+    argv = [("none" if previous == "--report_to" else item) for previous, item in zip(["", *command], command)]
+    run_in_process(load_script(pathlib.Path(command[1])), argv[2:])
+    convergence.train_run("linear", 5, settings, convergence.mnist_tensor(settings), evaluator=None,
+                          log=lambda text: None, weights_dir=str(tmp_path / "loop"))
+
+    trained = load_file(str(tmp_path / "trainer" / "unet" / "diffusion_pytorch_model.safetensors"))
+    looped = load_file(convergence.weights_path(str(tmp_path / "loop"), 4))
+    assert trained.keys() == looped.keys()
+    start = load_file(convergence.weights_path(str(tmp_path / "loop"), 2))
+    assert any(not torch_equal(start[name], looped[name]) for name in looped)  # the weights did move
+    for name in trained:
+        assert torch_equal(trained[name], looped[name]), (name, (trained[name] - looped[name]).abs().max())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

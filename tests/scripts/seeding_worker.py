@@ -15,14 +15,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trainer_runs
-from trainer_runs import load_script  # noqa: E402
+from trainer_runs import builder_module, load_script  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "train_immiscible_ddim.py"
 
 
 def main(prefix, argv):
     trainer = load_script(SCRIPT)
-    noises, real_build = [], trainer.build_immiscible
+    builder = builder_module(trainer)
+    noises, real_build = [], builder.build_immiscible
 
     def recording_build(*args, **kwargs):
         imm = real_build(*args, **kwargs)
@@ -35,7 +36,7 @@ def main(prefix, argv):
                 return noises[-1]
         return Recorder()
 
-    trainer.build_immiscible = recording_build
+    builder.build_immiscible = recording_build
     # What every CUDA process has at start: the same default generator state (here on purpose, on the CPU).
     torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
     args = trainer.parse_args(argv)
