@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 
 from . import fid_curves
 from .run_records import SamplerSetting, check_comparable, read_runs
@@ -108,8 +109,8 @@ def markdown(result: dict, runs) -> str:
     seeds = {m: ", ".join(str(r.seed) for r in sorted(runs, key=lambda r: r.seed) if r.method == m) for m in methods}
     measured = sorted({run.measured_with for run in runs if run.measured_with})
     lines = ["# Speed-up at equal FID against vanilla", "",
-             f"{len(runs)} runs: " + "; ".join(f"{m} (seed{'s' * (',' in seeds[m])} {seeds[m]})" for m in methods)
-             + (f". FID on {'; '.join(measured)}." if measured else "."), "", EXPLANATION, ""]
+             wrap(f"{len(runs)} runs: " + "; ".join(f"{m} (seed{'s' * (',' in seeds[m])} {seeds[m]})" for m in methods)
+                  + (f". FID on {'; '.join(measured)}." if measured else ".")), "", wrap(EXPLANATION), ""]
     header = ["method", "seeds", "final FID", "steps to vanilla's final FID", "speed-up per seed",
               *fid_curves.EQUAL_FID_HEADER[1:]]
     for summary in result.values():
@@ -124,9 +125,14 @@ def markdown(result: dict, runs) -> str:
                          f"{reach} | " + " | ".join(r["cells"]) + " |")
         per_seed = ", ".join("-" if c["improvement"] is None else fid_curves.change(c["improvement"])
                              for c in summary["converged_per_seed"].values())
-        lines += ["", fid_curves.describe_convergence(summary["converged"]) + f" (per seed: {per_seed}).",
-                  *[f"Note: {note}." for note in summary["notes"]], ""]
+        lines += ["", wrap(fid_curves.describe_convergence(summary["converged"]) + f" (per seed: {per_seed})."),
+                  *[wrap(f"Note: {note}.") for note in summary["notes"]], ""]
     return "\n".join(lines)
+
+
+def wrap(text: str) -> str:
+    """Prose at a width that reads in a terminal and in a markdown file (tables are left as they are)."""
+    return textwrap.fill(text, width=110, break_on_hyphens=False)
 
 
 def plot(result: dict, runs, path: str) -> None:
