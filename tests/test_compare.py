@@ -62,6 +62,8 @@ def test_known_curves_give_known_speed_ups_and_verdicts(tmp_path, capsys):
     assert "| linear | 0, 1, 2 | 8 ± 1 | 200, 200, 200 | 2.00, 2.00, 2.00 | 2 ± 0 | 2.00 to 2.00 | faster |" in table
     assert "| knn8 | 0, 1, 2 | 20 ± 1 | never, never, never | 0.50, 0.50, 0.50 |" in table
     assert "converged? no" in table and "FID on inception features, 2000 samples" in " ".join(table.split())
+    again = main([str(tmp_path)])  # the folder holding the run folders: the same runs
+    assert rows(again, "10 sampler steps, independent re-noising") == found
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["settings"]["10 sampler steps, independent re-noising"]["rows"]["linear"]["verdict"] == "faster"
     assert len(saved["runs"]) == 9

@@ -70,16 +70,18 @@ class RunRecord:
 
 
 def read_runs(paths: list[str]) -> list[RunRecord]:
-    """Every run named by `paths`: trainer output folders, benchmark run files, or folders of run files (a
-    benchmark output folder stands for its runs/)."""
+    """Every run named by `paths`: trainer output folders (or a folder of them), benchmark run files, or folders
+    of run files (a benchmark output folder stands for its runs/)."""
     runs = []
     for path in map(Path, paths):
         if path.is_file():
             runs.append(read_benchmark_run(path))
         elif not path.is_dir():
             raise FileNotFoundError(f"{path}: no such run folder or run file")
-        elif any((path / name).is_file() for name in (EVAL_HISTORY, TRAINING_CONFIG, "model_index.json")):
+        elif is_trainer_run(path):
             runs.append(read_trainer_run(path))
+        elif any(is_trainer_run(child) for child in path.iterdir() if child.is_dir()):  # a folder of run folders
+            runs += [read_trainer_run(child) for child in sorted(path.iterdir()) if is_trainer_run(child)]
         elif sorted(path.glob("*.json")) or (path / "runs").is_dir():
             folder = path / "runs" if (path / "runs").is_dir() else path  # docs/convergence/<family>: its runs/
             runs += [read_benchmark_run(file) for file in sorted(folder.glob("*.json"))]
@@ -91,6 +93,11 @@ def read_runs(paths: list[str]) -> list[RunRecord]:
     if not runs:
         raise ValueError("no runs given")
     return runs
+
+
+def is_trainer_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).is_file() for name in (EVAL_HISTORY, TRAINING_CONFIG,
+                                                                          "model_index.json"))
 
 
 def read_trainer_run(folder: Path) -> RunRecord:
