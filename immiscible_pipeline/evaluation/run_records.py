@@ -80,7 +80,7 @@ def read_runs(paths: list[str]) -> list[RunRecord]:
             raise FileNotFoundError(f"{path}: no such run folder or run file")
         elif is_trainer_run(path):
             runs.append(read_trainer_run(path))
-        elif any(is_trainer_run(child) for child in path.iterdir() if child.is_dir()):  # a folder of run folders
+        elif any(is_trainer_run(child) for child in path.iterdir()):  # a folder of run folders
             runs += [read_trainer_run(child) for child in sorted(path.iterdir()) if is_trainer_run(child)]
         elif sorted(path.glob("*.json")) or (path / "runs").is_dir():
             folder = path / "runs" if (path / "runs").is_dir() else path  # docs/convergence/<family>: its runs/
