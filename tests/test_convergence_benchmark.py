@@ -1,5 +1,6 @@
 """The convergence benchmark: smoke runs of both families (a few steps, one seed), the reading of its curves per
-sampler step count, the converged? check, and the command it gives the real trainer."""
+sampler step count (immiscible_pipeline.evaluation.fid_curves, which `compare` shares), the converged? check, and
+the command it gives the real trainer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import sys
 
 import pytest
 
+from immiscible_pipeline.evaluation import fid_curves
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,38 +29,38 @@ def convergence():
     return module
 
 
-def test_first_reach_interpolates_between_evaluations(convergence):
+def test_first_reach_interpolates_between_evaluations():
     curve = [{"step": 100, "fid": 50.0}, {"step": 200, "fid": 30.0}, {"step": 300, "fid": 10.0}]
-    assert convergence.first_reach(curve, 20.0) == pytest.approx(250.0)
-    assert convergence.first_reach(curve, 60.0) == 100.0
-    assert convergence.first_reach(curve, 5.0) is None
+    assert fid_curves.first_reach(curve, 20.0) == pytest.approx(250.0)
+    assert fid_curves.first_reach(curve, 60.0) == 100.0
+    assert fid_curves.first_reach(curve, 5.0) is None
     bumpy = [{"step": 1, "fid": 9.0}, {"step": 2, "fid": 12.0}, {"step": 3, "fid": 9.5}]
-    assert convergence.first_reach(bumpy, 9.5) == 1.0  # the first time, not the last
+    assert fid_curves.first_reach(bumpy, 9.5) == 1.0  # the first time, not the last
 
 
-def test_speed_up_at_equal_fid_counts_slower_methods_too(convergence):
+def test_speed_up_at_equal_fid_counts_slower_methods_too():
     def run(method, seed, fids):
         return {"method": method, "seed": seed, "curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)],
                 "step_ms_median": 1.0, "noise_ms_median": 0.1}
     runs = [run("none", 0, [40, 20, 10]), run("linear", 0, [30, 10, 8]), run("knn", 0, [45, 30, 20])]
-    summary = convergence.summarise(runs, ["none", "linear", "knn"], [0])
+    summary = fid_curves.summarise(runs, ["none", "linear", "knn"], [0])
     assert summary["reach"]["linear"][0] == pytest.approx(200.0) and summary["ratio"]["linear"] == [1.5]
     assert summary["reach"]["knn"][0] is None and summary["unreached"]["knn"] == [0]
     # knn ends at FID 20, which vanilla reached at step 200: two thirds of knn's 300 steps.
     assert summary["equal_fid"]["knn"] == [pytest.approx(2 / 3)] and summary["equal_fid"]["linear"] == [1.5]
     assert summary["equal_fid"]["none"] == [1.0]
-    diverged = convergence.summarise(runs[:2] + [run("knn", 0, [45, 30, float("nan")])], ["none", "linear", "knn"], [0])
+    diverged = fid_curves.summarise(runs[:2] + [run("knn", 0, [45, 30, float("nan")])], ["none", "linear", "knn"], [0])
     assert diverged["equal_fid"]["knn"] == [] and diverged["unreached"]["knn"] == [0]
 
 
-def test_verdict_names_a_gain_or_loss_only_where_the_t_interval_excludes_one(convergence):
-    low, high = convergence.mean_interval([1.36, 1.44, 1.40])
+def test_verdict_names_a_gain_or_loss_only_where_the_t_interval_excludes_one():
+    low, high = fid_curves.mean_interval([1.36, 1.44, 1.40])
     # mean 1.40, std 0.04, t(0.975, 2) = 4.303: half-width 4.303 * 0.04 / sqrt(3) = 0.0994
     assert (low, high) == (pytest.approx(1.40 - 0.0994, abs=1e-3), pytest.approx(1.40 + 0.0994, abs=1e-3))
-    assert convergence.verdict((low, high)) == "faster"
-    assert convergence.verdict(convergence.mean_interval([0.50, 0.43, 0.47])) == "slower"
-    assert convergence.verdict(convergence.mean_interval([1.36, 0.80])) == "no clear difference"
-    assert convergence.mean_interval([1.4]) is None and convergence.verdict(None) == "too few seeds"
+    assert fid_curves.verdict((low, high)) == "faster"
+    assert fid_curves.verdict(fid_curves.mean_interval([0.50, 0.43, 0.47])) == "slower"
+    assert fid_curves.verdict(fid_curves.mean_interval([1.36, 0.80])) == "no clear difference"
+    assert fid_curves.mean_interval([1.4]) is None and fid_curves.verdict(None) == "too few seeds"
 
 
 def curve_run(method, seed, curves, step=100):
@@ -67,13 +70,13 @@ def curve_run(method, seed, curves, step=100):
                                 for i, f in enumerate(fids)] for n, fids in curves.items()}}
 
 
-def test_speed_ups_and_convergence_are_read_per_sampler_step_count(convergence):
+def test_speed_ups_and_convergence_are_read_per_sampler_step_count():
     # At 1 sampler step linear gets to vanilla's final FID in half the steps; at 2 steps it never does.
     runs = [curve_run("none", 0, {1: [40, 30, 20, 10], 2: [20, 16, 12, 11.5]}),
             curve_run("none", 1, {1: [44, 32, 22, 12], 2: [22, 17, 13, 12.5]}),
             curve_run("linear", 0, {1: [30, 10, 9, 8], 2: [25, 20, 18, 16]}),
             curve_run("linear", 1, {1: [33, 12, 10, 9], 2: [26, 21, 19, 17]})]
-    summaries = convergence.summarise_by_sampler(runs, ["none", "linear"], [0, 1], [1, 2])
+    summaries = fid_curves.summarise_by_sampler(runs, ["none", "linear"], [0, 1], [1, 2])
     assert list(summaries) == [1, 2]
     one, two = summaries[1], summaries[2]
     assert one["steps"] == [100, 200, 300, 400]
@@ -90,24 +93,24 @@ def test_speed_ups_and_convergence_are_read_per_sampler_step_count(convergence):
     assert set(one["converged_per_seed"]) == {0, 1}
 
 
-def test_converged_means_less_than_ten_percent_better_over_the_last_doubling(convergence):
+def test_converged_means_less_than_ten_percent_better_over_the_last_doubling():
     steps = [250, 500, 1000, 2000, 4000]
-    flat = convergence.convergence_check(steps, [50, 20, 12, 10.0, 9.5])
+    flat = fid_curves.convergence_check(steps, [50, 20, 12, 10.0, 9.5])
     assert flat["fid_half"] == 10.0 and flat["improvement"] == pytest.approx(0.05) and flat["converged"] is True
     assert flat["previous_improvement"] == pytest.approx(1 - 10 / 12)
-    still = convergence.convergence_check(steps, [50, 20, 12, 10.0, 8.5])
+    still = fid_curves.convergence_check(steps, [50, 20, 12, 10.0, 8.5])
     assert still["converged"] is False and still["improvement"] == pytest.approx(0.15)
-    line = convergence.describe_convergence(still)
+    line = fid_curves.describe_convergence(still)
     assert "converged? no" in line and "15.0% better over the last doubling" in line and "5.0 points above" in line
-    assert "converged? yes" in convergence.describe_convergence(flat)
-    worse = convergence.convergence_check(steps, [50, 20, 12, 10.0, 11.0])  # got worse: it has levelled off
+    assert "converged? yes" in fid_curves.describe_convergence(flat)
+    worse = fid_curves.convergence_check(steps, [50, 20, 12, 10.0, 11.0])  # got worse: it has levelled off
     assert worse["converged"] is True and worse["improvement"] < 0
-    assert "10.0% worse over the last doubling" in convergence.describe_convergence(worse)
+    assert "10.0% worse over the last doubling" in fid_curves.describe_convergence(worse)
     # The half-way point interpolated between evaluations (1500 between 1000 and 2000 steps).
-    between = convergence.convergence_check([1000, 2000, 3000], [30.0, 20.0, 19.0])
+    between = fid_curves.convergence_check([1000, 2000, 3000], [30.0, 20.0, 19.0])
     assert between["fid_half"] == pytest.approx(25.0) and between["fid_quarter"] is None
-    unknown = convergence.convergence_check([3000, 4000], [20.0, 19.0])  # nothing evaluated at 2000
-    assert unknown["converged"] is None and "unknown" in convergence.describe_convergence(unknown)
+    unknown = fid_curves.convergence_check([3000, 4000], [20.0, 19.0])  # nothing evaluated at 2000
+    assert unknown["converged"] is None and "unknown" in fid_curves.describe_convergence(unknown)
 
 
 def test_evaluation_schedule_is_dense_early_and_holds_every_doubling(convergence):
