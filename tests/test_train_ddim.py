@@ -237,7 +237,8 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
                                       # flags not exercised elsewhere: they must at least run end to end
                                       "--prediction_type", "v_prediction", "--center_crop", "--gradient_checkpointing",
                                       "--dataloader_num_workers", 1, "--mixed_precision", "bf16"))
-    assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True, "trained_yet": False}]
+    assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True,
+                        "trained_yet": False}]
     (upload,) = uploaded
     assert upload["folder_path"] == str(output) and upload["repo_id"] == "me/tiny-ddim"
     assert upload["ignore_patterns"] == ["checkpoint-*"] and upload["token"] == "tok"
@@ -348,7 +349,8 @@ def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
 def test_hub_token_with_wandb_is_refused(trainer, monkeypatch):
     import immiscible_pipeline.training.arguments
 
-    monkeypatch.setattr(immiscible_pipeline.training.arguments, "check_report_to", lambda report_to: None)  # as if wandb were there
+    # as if wandb were there
+    monkeypatch.setattr(immiscible_pipeline.training.arguments, "check_report_to", lambda report_to: None)
     with pytest.raises(ValueError, match="--report_to=wandb and --hub_token"):
         trainer.parse_args(["--report_to", "wandb", "--hub_token", "x"])
 
