@@ -269,6 +269,7 @@ end_training(accelerator)
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_dir, tmp_path):
     model = str(tmp_path / "tiny-ddim")
     tiny_ddim_pipeline().save_pretrained(model)

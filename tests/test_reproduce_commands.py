@@ -156,6 +156,7 @@ def in_process_evaluate(argv):
 
 
 @pytest.mark.parametrize("title", list(SECTIONS))
+@pytest.mark.slow
 def test_each_command_runs_one_step_on_tiny_data_and_is_evaluated(title, tmp_path, monkeypatch, tiny_imagefolder,
                                                                   tiny_unet_config_path, tiny_sd, labelled_folder):
     monkeypatch.chdir(tmp_path)  # the page's relative output folders land here

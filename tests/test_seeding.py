@@ -30,6 +30,7 @@ def launch_recording(output, tiny_imagefolder, tiny_unet_config_path, *extra):
     return [torch.load(f"{prefix}{rank}.pt") for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_without_seed_draw_different_noise_and_the_recorded_seed_repeats_the_run(
         tmp_path, tiny_imagefolder, tiny_unet_config_path):
     first = launch_recording(tmp_path / "unseeded", tiny_imagefolder, tiny_unet_config_path)

@@ -37,6 +37,7 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
 
 # --- launched runs ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launched_run_saves_a_consistency_pipeline_that_plain_diffusers_samples(tmp_path, tiny_args):
     output = tmp_path / "run"
     launch(SCRIPT, tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
@@ -63,6 +64,7 @@ def test_launched_run_saves_a_consistency_pipeline_that_plain_diffusers_samples(
     assert logged["images"] == ["samples_1_step", "samples_2_step"]
 
 
+@pytest.mark.slow
 def test_two_processes_assign_over_the_global_batch_and_evaluate_one_and_two_step_fid(tmp_path, tiny_args,
                                                                                        monkeypatch):
     output = tmp_path / "run"

@@ -43,6 +43,7 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
 
 # --- launched runs ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_path, tiny_args):
     output = tmp_path / "run"
     launch(SCRIPT, tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
@@ -68,6 +69,7 @@ def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_
     assert checkpoints(output) == ["checkpoint-6"] and summary(output)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, tiny_args, monkeypatch):
     output = tmp_path / "run"
     monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
@@ -170,6 +172,7 @@ def test_resuming_from_the_final_checkpoint_trains_nothing_more(trainer, tmp_pat
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, tiny_args, processes):
     # Ctrl-C reaches the launcher's process group (with 2 processes torchrun passes it on to the ranks);
     # all ranks must stop at the same step and save it together.

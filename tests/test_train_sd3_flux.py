@@ -178,6 +178,7 @@ def assert_the_lora_loads_and_changes_the_output(family, model, output_dir):
     assert Image.open(output_dir / "samples.png").tobytes() == image_grid(images).tobytes()
 
 
+@pytest.mark.slow
 def test_launched_flux_lora_loads_in_plain_diffusers_and_changes_the_output(tiny_models, instance_images, tmp_path):
     launch(SCRIPT, lora_run_command(tiny_models["flux"], instance_images, tmp_path, 4, *VALIDATION))
     assert summary(tmp_path)["num_processes"] == 1 and summary(tmp_path)["family"] == "flux"
@@ -185,6 +186,7 @@ def test_launched_flux_lora_loads_in_plain_diffusers_and_changes_the_output(tiny
     assert_the_lora_loads_and_changes_the_output("flux", tiny_models["flux"], tmp_path)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffusers(tiny_models, instance_images,
                                                                                        tmp_path):
     flags = lora_run_command(tiny_models["sd3"], instance_images, tmp_path, 100000, "--checkpointing_steps", 100000)
@@ -200,6 +202,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffu
     assert_the_lora_loads_and_changes_the_output("sd3", tiny_models["sd3"], tmp_path)
 
 
+@pytest.mark.slow
 def test_two_processes_assign_the_global_batch_and_train_alike(tiny_models, instance_images, tmp_path):
     """Flux with linear assignment over both processes' samples, per-prompt groups, and the text encoder's LoRA
     (trained outside DDP, its gradients averaged by the script): both processes end with the same weights."""
