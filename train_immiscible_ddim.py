@@ -6,10 +6,11 @@
 
 Like diffusers' examples/unconditional_image_generation/train_unconditional.py: its command lines work (same
 flag names, aliases, or an error saying what to use instead) and, with a dataset, train what it would train
-(its defaults: recipe "diffusers"); our own set-ups go by name (--recipe), plus the immiscible flags. The one change to the
-usual loop: each micro-batch's noise is drawn and assigned to its images (`noise = immiscible(clean_images)`)
-before `add_noise`, and the loss target is built from that assigned noise (the noise itself for epsilon
-prediction, the velocity for v-prediction; the clean image, which the demo predicts, needs no noise).
+(its defaults: recipe "diffusers"); our own set-ups go by name (--recipe), plus the immiscible flags. The one
+change to the usual loop: each micro-batch's noise is drawn and assigned to its images (`noise =
+immiscible(clean_images)`) before `add_noise`, and the loss target is built from that assigned noise (the noise
+itself for epsilon prediction, the velocity for v-prediction; the clean image, which the demo predicts, needs
+no noise).
 """
 
 import argparse
@@ -63,7 +64,8 @@ def parse_args(input_args=None):
                             "weights where SNR >= gamma, less at noisier levels; none otherwise).")
     model.add_argument("--ddim_num_inference_steps", type=int, default=50, help="DDIM steps for sample grids.")
     evaluation.add_argument("--eval_inference_steps", type=int, nargs="+", default=None,
-                            help="DDIM steps of each evaluation (one FID per entry). Default: --ddim_num_inference_steps.")
+                            help="DDIM steps of each evaluation (one FID per entry). Default: "
+                                 "--ddim_num_inference_steps.")
     add_diffusers_flags(parser, UNCONDITIONAL_FLAGS)  # train_unconditional.py's command lines work too
 
     args = parser.parse_args(input_args)

@@ -14,10 +14,10 @@ encoders, pooled embedding and size ids, and is saved as a StableDiffusionXLPipe
 
 Like diffusers' examples/text_to_image/train_text_to_image.py and train_text_to_image_lora.py, and their _sdxl
 versions (their command lines work: same flag names, aliases, or an error saying what to use instead; add
---rank 4 to a LoRA command that relied on the LoRA script's default rank), plus the immiscible flags, prompts made from class names, and
-a latent cache. The one change to the usual loop: the noise of each micro-batch is drawn and assigned to its
-scaled VAE latents (`noise = immiscible(latents)`) before noise offset, input perturbation and `add_noise`, and
-that assigned noise is what the loss targets.
+--rank 4 to a LoRA command that relied on the LoRA script's default rank), plus the immiscible flags, prompts made
+from class names, and a latent cache. The one change to the usual loop: the noise of each micro-batch is drawn and
+assigned to its scaled VAE latents (`noise = immiscible(latents)`) before noise offset, input perturbation and
+`add_noise`, and that assigned noise is what the loss targets.
 """
 
 import argparse

@@ -441,8 +441,8 @@ def report_tables(results: list[dict], low: list[str]) -> str:
     out = []
 
     header = ["B", "D"] + [f"ours {short[d]}" for d in ("float32", *low)]
-    header += ["official fp16 broadcast + scipy", "speed-up vs official (fp32)", "fp32 split: distance + rest (solver, checks)",
-               "load avg"]
+    header += ["official fp16 broadcast + scipy", "speed-up vs official (fp32)",
+               "fp32 split: distance + rest (solver, checks)", "load avg"]
     rows = []
     for r in results:
         lin, official = r["linear"], r["linear"].get("official")
@@ -510,11 +510,12 @@ def report_scaling(rows: list[dict], auto_dtype: str, solver: str) -> str:
         ours, half, official = r["ours"], r["fp16_cdist_scipy"], r["official"]
         official_red = "-" if official.get("oom") else fmt_pct(official["reduction"])
         lines.append([str(r["batch"]), str(r["dim"]), fmt_ms(ours), f"{ours['cost_ms']:.1f} + {ours['solve_ms']:.1f}",
-                      f"{fmt_ms(half)} ({half['cost_ms']:.1f} + {half['solve_ms']:.1f})", f"{half['ms'] / ours['ms']:.1f}x",
-                      fmt_ms(official), f"{fmt_pct(ours['reduction'])} / {fmt_pct(half['reduction'])} / {official_red}",
+                      f"{fmt_ms(half)} ({half['cost_ms']:.1f} + {half['solve_ms']:.1f})",
+                      f"{half['ms'] / ours['ms']:.1f}x", fmt_ms(official),
+                      f"{fmt_pct(ours['reduction'])} / {fmt_pct(half['reduction'])} / {official_red}",
                       fmt_load(r["load_average"])])
-    return ("Scaling: linear assignment of real digits (MNIST resized to D pixels), ms per call (median; the two routes' "
-            "parts are timed on their own, the fp16 route's total is their sum)\n\n" + table(header, lines))
+    return ("Scaling: linear assignment of real digits (MNIST resized to D pixels), ms per call (median; the two "
+            "routes' parts are timed on their own, the fp16 route's total is their sum)\n\n" + table(header, lines))
 
 
 def report_solvers(rows: list[dict]) -> str:
@@ -524,8 +525,8 @@ def report_solvers(rows: list[dict]) -> str:
     for r in rows:
         kind = f"digits vs noise, D={r['dim']}" if r["kind"] == "digits" else "uniform random [0, 1)"
         gaps = [entry["gap"] for entry in r["solvers"].values()]
-        lines.append([kind, str(r["batch"])] + [fmt_ms(r["solvers"][name]) for name in names]
-                     + ["yes" if max(abs(g) for g in gaps) <= EXACT_RTOL else f"NO (gap up to {max(map(abs, gaps)):.1e})"])
+        exact = "yes" if max(abs(g) for g in gaps) <= EXACT_RTOL else f"NO (gap up to {max(map(abs, gaps)):.1e})"
+        lines.append([kind, str(r["batch"])] + [fmt_ms(r["solvers"][name]) for name in names] + [exact])
     return ("Exact solvers on the same cost matrix, ms per call (median; `solver=\"auto\"` takes the first column "
             "installed)\n\n" + table(header, lines))
 
@@ -708,7 +709,8 @@ def main(argv=None) -> dict:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     grid = [(b, d) for d in args.dims for b in args.batch_sizes] if "grid" in args.sections else []
-    scaling = [(b, d) for d in args.scaling_dims for b in args.scaling_batch_sizes] if "scaling" in args.sections else []
+    scaling = ([(b, d) for d in args.scaling_dims for b in args.scaling_batch_sizes]
+               if "scaling" in args.sections else [])
     solvers = ([(b, args.scaling_dims[0], kind) for kind in ("digits", "uniform") for b in args.scaling_batch_sizes]
                if "solvers" in args.sections else [])
     progress = Progress((len(grid) + len(scaling) + len(solvers)) * (1 + args.repeats) + len(grid),
@@ -730,7 +732,8 @@ def main(argv=None) -> dict:
     header = (f"Command: `{command}`  \nDate: {date}  \nCPU: {info['cpu']}, {info['threads']} threads; "
               f"torch {info['torch']}; solver {info['solver']}; bf16/fp16 units: {info['low_precision_units']}; "
               f"`--assignment_cost_dtype auto` (the trainers' default) uses {info['auto_cost_dtype']} here  \n"
-              f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above {args.max_memory_gb:g} GiB"
+              f"Medians of {args.repeats} interleaved rounds; official broadcasts skipped above "
+              f"{args.max_memory_gb:g} GiB"
               + ("." if args.max_load is None else f"; each size started once the 1-min load average was below "
                  f"{args.max_load:g} (waited at most {args.max_wait:g} s)."))
     parts = [header]

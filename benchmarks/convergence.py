@@ -439,7 +439,8 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
         if summary["reach"]:
             lines += ["", "Steps to reach vanilla's final FID (per seed: that seed's vanilla run), and the speed-up "
                           "vanilla steps / method steps:", "",
-                      "| method | steps per seed | speed-up (mean ± std) | seeds not reaching it |", "|---|---|---|---|"]
+                      "| method | steps per seed | speed-up (mean ± std) | seeds not reaching it |",
+                      "|---|---|---|---|"]
             for m in methods:
                 per_seed = ", ".join("never" if summary["reach"][m][s] is None else f"{summary['reach'][m][s]:.0f}"
                                      for s in seeds)
@@ -463,7 +464,8 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
               f"{TRAINERS[settings.family]}, from its tensorboard events; the assignment excludes drawing the noise")
     machines = "; ".join(sorted({run.get("machine", "machine not recorded") for run in runs}))
     lines += [f"Wall-clock per training step (medians over steps, then over seeds; {source}; {machines}):", "",
-              f"| method | step (ms) | {timed} (ms) | {timed} share of the step | step vs none |", "|---|---|---|---|---|"]
+              f"| method | step (ms) | {timed} (ms) | {timed} share of the step | step vs none |",
+              "|---|---|---|---|---|"]
     for m in methods:
         t = timing[m]
         versus = f"{t['step_ms'] / base:.3f}x" if base else "-"
@@ -473,14 +475,17 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
     lines += ["", f"Setting: MNIST {settings.train_images or 50000} images at {unet['sample_size']} px; UNet "
                   f"{tuple(unet['block_out_channels'])}, {unet['layers_per_block']} layer(s) per block"
                   f"{', dropout ' + str(unet.get('dropout', 0.0)) if settings.family == 'cm' else ''}; batch "
-                  f"{settings.batch_size}; AdamW {settings.learning_rate:g} (beta1 {settings.adam_beta1:g}, weight decay "
+                  f"{settings.batch_size}; AdamW {settings.learning_rate:g} (beta1 {settings.adam_beta1:g}, "
+                  "weight decay "
                   f"{settings.weight_decay:g}), {settings.warmup_steps} warm-up steps then constant; EMA with "
-                  f"warm-up; {settings.steps} steps, FID at steps {settings.eval_steps() if backend == 'loop' else 'every ' + str(settings.eval_every)}."]
+                  f"warm-up; {settings.steps} steps, FID at steps "
+                  f"{settings.eval_steps() if backend == 'loop' else 'every ' + str(settings.eval_every)}."]
     if settings.family == "cm":
         recipe = ConsistencyRecipe(**settings.recipe)
+        doublings = math.floor(math.log2(recipe.curriculum_end / recipe.curriculum_start)) + 1
         lines += ["", f"Consistency training: {recipe.loss} loss, curriculum {recipe.curriculum_start} -> "
                       f"{recipe.curriculum_end} levels over the run's {settings.steps} steps (doubling every "
-                      f"{max(1, settings.steps // (math.floor(math.log2(recipe.curriculum_end / recipe.curriculum_start)) + 1))}"
+                      f"{max(1, settings.steps // doublings)}"
                       f" steps), log-normal levels ({recipe.p_mean:g}, {recipe.p_std:g}), sigma in "
                       f"[{recipe.sigma_min:g}, {recipe.sigma_max:g}]. The curriculum depends on the total steps: a "
                       "run with another horizon trains on another curriculum, so these curves are not the first part "
@@ -490,7 +495,8 @@ def markdown(summaries: dict, runs: list[dict], methods: list[str], seeds: list[
         lines += ["", f"Rectified flow: x_t = (1 - s) x0 + s z, velocity target z - x0, levels s by the "
                       f"{flow['weighting_scheme']} density (mean {flow['logit_mean']:g}, std {flow['logit_std']:g}), "
                       "FlowMatchEulerDiscreteScheduler (Euler from s = 1 to 0) in a stock DDPMPipeline."]
-    lines += ["", f"Seed streams: {settings.seed_streams}.", "", f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
+    lines += ["", f"Seed streams: {settings.seed_streams}.", "",
+              f"Trainer: {backend}. Wall-clock of the runs (training and evaluation, summed): "
                   f"{sum(r['wall_seconds'] for r in runs) / 60:.1f} min (pauses included); of this invocation: "
                   f"{wall_minutes:.1f} min."]
     timed = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
@@ -523,7 +529,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_samples", type=int, default=None,
                         help="samples per evaluation (default: 1000 for ddim, 2000 for cm)")
     parser.add_argument("--eval_inference_steps", type=int, nargs="+", default=None,
-                        help="sampler step counts, one FID each per evaluation (default: 5 10 25 50 for ddim, 1 2 for cm)")
+                        help="sampler step counts, one FID each per evaluation (default: 5 10 25 50 for ddim, 1 2 "
+                             "for cm, 1 2 4 8 16 for flow)")
     parser.add_argument("--batch_size", type=int, default=None, help="default 64")
     parser.add_argument("--learning_rate", type=float, default=None, help="default: 3e-4 for ddim, 1e-3 for cm")
     parser.add_argument("--output_dir", default=None, help="default docs/convergence/<family> (kept in git)")
@@ -531,8 +538,9 @@ def parse_args(argv=None):
                         help="not kept in git: each run's weights at its evaluation steps (--backend loop) or the "
                              "trainers' output folders (--backend script); default "
                              "benchmark-results/convergence-work/<family>")
-    parser.add_argument("--cache_dir", default=None, help="classifier / reference-feature cache (default: the "
-                                                          "package's, $IMMISCIBLE_CACHE or ~/.cache/immiscible_pipeline)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="classifier / reference-feature cache (default: the package's, $IMMISCIBLE_CACHE or "
+                             "~/.cache/immiscible_pipeline)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--backend", choices=("loop", "script"), default="loop",
                         help="loop: the in-process copy of the trainer's loop (times every step); script: the real "
@@ -680,7 +688,7 @@ def run_benchmark(args) -> dict:
 
 def reevaluate(args, settings: Settings, methods: list[str], runs: list[dict], evaluator, output_dir: str,
                work_dir: str) -> dict:
-    """--reevaluate: every run's kept weights scored with each sampler; tables, plot and JSON in <output_dir>/samplers."""
+    """--reevaluate: every run's kept weights scored with each sampler; tables, plot, JSON in <output_dir>/samplers."""
     from benchmarks import sampler_study
 
     started = time.perf_counter()

@@ -133,8 +133,8 @@ def markdown(summaries: dict, samplers: list[Sampler], methods: list[str], seeds
              num_samples: int, accuracy, machine: str, minutes: float, mean_std) -> str:
     """The study's tables; `mean_std` formats a list of per-seed values (the convergence benchmark's)."""
     lines = [f"# Sampler study: {settings.family}", "",
-             f"The runs of `docs/convergence/{settings.family}`'s settings, their EMA weights kept at steps {steps} and "
-             f"scored again with each sampler: FID on classifier features (test accuracy {accuracy:.4f}), "
+             f"The runs of `docs/convergence/{settings.family}`'s settings, their EMA weights kept at steps {steps} "
+             f"and scored again with each sampler: FID on classifier features (test accuracy {accuracy:.4f}), "
              f"{num_samples} samples vs {settings.num_reference} training digits, mean ± std over {len(seeds)} "
              f"seed(s) {seeds}. Independent re-noising is stock diffusers; matched re-noising couples every injected "
              "noise to the current clean estimate as the run's training coupled noise to images.", "",

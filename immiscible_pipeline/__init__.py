@@ -14,6 +14,6 @@ from .noise import (AssignmentStats, GlobalImmiscibleNoise, ImmiscibleNoise, ass
 from .renoise import TrainingCoupling, independent_renoise, matched_renoise
 
 __all__ = ["AssignmentStats", "GlobalImmiscibleNoise", "ImmiscibleNoise", "assignment_permutation",
-           "build_immiscible", "independent_renoise", "knn_noise", "knn_noise_reference", "matched_renoise", "pairwise_l2",
-           "solve_assignment", "TrainingCoupling"]
+           "build_immiscible", "independent_renoise", "knn_noise", "knn_noise_reference", "matched_renoise",
+           "pairwise_l2", "solve_assignment", "TrainingCoupling"]
 __version__ = "0.1.0"

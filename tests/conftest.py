@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny image folder and a tiny UNet config. Tests run offline."""
 
+import importlib.util
 import json
 import os
 
@@ -10,6 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def skip_if_installed(package: str):
+    """Marks a test of the error given without an optional package: skipped where that package is installed."""
+    return pytest.mark.skipif(importlib.util.find_spec(package) is not None,
+                              reason=f"{package} is installed; the test checks the error given without it")
+
 
 TINY_UNET_CONFIG = {
     "sample_size": 8,

@@ -96,9 +96,9 @@ def test_demo_sampler_check_scores_every_method_with_every_sampler(tmp_path):
     work = tmp_path / "work"
     for name in ("none", "linear"):
         torch.manual_seed(0)
-        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                           norm_num_groups=4)
+        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
         folder = work / f"ddim-{name}-seed0"
         DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=50)).save_pretrained(folder)
         TrainingCoupling(method=name, group_size=4).save(str(folder))

@@ -1,4 +1,5 @@
-"""immiscible_pipeline.training.consistency_training: iCT's curriculum, levels and loss, and parity with diffusers' sampler."""
+"""immiscible_pipeline.training.consistency_training: iCT's curriculum, levels and loss, and parity with diffusers'
+sampler."""
 
 import contextlib
 import math

@@ -40,7 +40,8 @@ def test_first_reach_interpolates_between_evaluations():
 
 def test_speed_up_at_equal_fid_counts_slower_methods_too():
     def run(method, seed, fids):
-        return {"method": method, "seed": seed, "curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)],
+        curve = [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)]
+        return {"method": method, "seed": seed, "curve": curve,
                 "step_ms_median": 1.0, "noise_ms_median": 0.1}
     runs = [run("none", 0, [40, 20, 10]), run("linear", 0, [30, 10, 8]), run("knn", 0, [45, 30, 20])]
     summary = fid_curves.summarise(runs, ["none", "linear", "knn"], [0])

@@ -269,6 +269,7 @@ end_training(accelerator)
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_samples_and_agree_with_one(classifier, cache_dir, tmp_path):
     model = str(tmp_path / "tiny-ddim")
     tiny_ddim_pipeline().save_pretrained(model)
@@ -326,7 +327,8 @@ def test_the_command_scores_a_consistency_model_at_one_and_two_steps(classifier,
     from immiscible_pipeline.training.consistency_training import ConsistencyRecipe
 
     model = str(tmp_path / "tiny-cm")
-    ConsistencyModelPipeline(unet=tiny_ddim_pipeline().unet, scheduler=ConsistencyRecipe().scheduler()).save_pretrained(model)
+    pipeline = ConsistencyModelPipeline(unet=tiny_ddim_pipeline().unet, scheduler=ConsistencyRecipe().scheduler())
+    pipeline.save_pretrained(model)
     common = ["--model", model, "--reference", "mnist", "--feature", "classifier", "--cache_dir", cache_dir,
               "--classifier_steps", "60", "--num_samples", "6", "--num_reference", "50", "--kid_subsets", "2",
               "--batch_size", "3"]

@@ -1,4 +1,5 @@
-"""immiscible_pipeline.training.hub_publishing: token safety, repo creation, model card, upload (Hub client substituted)."""
+"""immiscible_pipeline.training.hub_publishing: token safety, repo creation, model card, upload (Hub client
+substituted)."""
 
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ def test_hub_token_is_refused_with_wandb():
 
 def test_repo_is_named_after_the_output_folder(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(hub, "create_repo", lambda **kw: calls.append(kw) or SimpleNamespace(repo_id=f"me/{kw['repo_id']}"))
+    monkeypatch.setattr(hub, "create_repo",
+                        lambda **kw: calls.append(kw) or SimpleNamespace(repo_id=f"me/{kw['repo_id']}"))
     assert hub.create_hub_repo(tmp_path / "my-model", None, "tok", private=True) == "me/my-model"
     assert hub.create_hub_repo(tmp_path / "my-model", "org/other") == "me/org/other"
     assert calls == [{"repo_id": "my-model", "exist_ok": True, "token": "tok", "private": True},

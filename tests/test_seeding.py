@@ -22,14 +22,15 @@ def launch_recording(output, tiny_imagefolder, tiny_unet_config_path, *extra):
     argv = ["--train_data_dir", tiny_imagefolder, "--model_config_name_or_path", tiny_unet_config_path,
             "--output_dir", output, "--cache_dir", output.parent / "datasets-cache", "--train_batch_size", 3,
             "--max_train_steps", 2, "--immiscible", "none", "--num_validation_images", 1,
-            "--ddim_num_inference_steps", 1, "--validation_steps", 100, "--checkpointing_steps", 2, "--report_to", "none",
-            *extra]
+            "--ddim_num_inference_steps", 1, "--validation_steps", 100, "--checkpointing_steps", 2,
+            "--report_to", "none", *extra]
     prefix = output.parent / f"{output.name}-rank"
     proc = run_launched(launch_command(2, WORKER, prefix, *argv), env=launch_environment(), timeout=300)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-5000:]}"
     return [torch.load(f"{prefix}{rank}.pt") for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_without_seed_draw_different_noise_and_the_recorded_seed_repeats_the_run(
         tmp_path, tiny_imagefolder, tiny_unet_config_path):
     first = launch_recording(tmp_path / "unseeded", tiny_imagefolder, tiny_unet_config_path)

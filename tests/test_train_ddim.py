@@ -13,7 +13,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import write_images
+from conftest import skip_if_installed, write_images
 from launching import interrupt_after_first_step, launch_command, launch_environment
 from trainer_runs import checkpoints, launch, load_script, run_in_process, scalars, spy_on_noise, summary
 
@@ -45,6 +45,7 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
 
 # --- launched runs ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_path, tiny_args):
     output = tmp_path / "run"
     launch(SCRIPT, tiny_args(output, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
@@ -70,6 +71,7 @@ def test_launched_training_saves_a_pipeline_rotates_checkpoints_and_resumes(tmp_
     assert checkpoints(output) == ["checkpoint-6"] and summary(output)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_two_processes_assign_over_the_global_batch_and_evaluate_fid(tmp_path, tiny_args, monkeypatch):
     output = tmp_path / "run"
     monkeypatch.setenv("IMMISCIBLE_CACHE", str(tmp_path / "eval-cache"))
@@ -175,6 +177,7 @@ def test_resuming_from_the_final_checkpoint_trains_nothing_more(trainer, tmp_pat
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_a_launched_run_with_a_checkpoint(tmp_path, tiny_args, processes):
     # Ctrl-C reaches the launcher's process group (with 2 processes torchrun passes it on to the ranks);
     # all ranks must stop at the same step and save it together.
@@ -243,7 +246,8 @@ def test_push_to_hub_writes_the_card_and_uploads_without_checkpoints(trainer, tm
                                       # flags not exercised elsewhere: they must at least run end to end
                                       "--prediction_type", "v_prediction", "--center_crop", "--gradient_checkpointing",
                                       "--dataloader_num_workers", 1, "--mixed_precision", "bf16"))
-    assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True, "trained_yet": False}]
+    assert created == [{"repo_id": "tiny-ddim", "exist_ok": True, "token": "tok", "private": True,
+                        "trained_yet": False}]
     (upload,) = uploaded
     assert upload["folder_path"] == str(output) and upload["repo_id"] == "me/tiny-ddim"
     assert upload["ignore_patterns"] == ["checkpoint-*"] and upload["token"] == "tok"
@@ -341,8 +345,10 @@ def test_defaults_follow_the_recipe_diffusers_for_a_dataset_and_the_demo_without
 
 @pytest.mark.parametrize("argv, message", [
     (["--immiscible_k", "0"], "--immiscible_k must be at least 1, got 0"),
-    (["--report_to", "wandb", "--hub_token", "x"], "--report_to wandb needs wandb"),  # wandb is not installed here
-    (["--enable_xformers_memory_efficient_attention"], "needs the xformers package"),
+    pytest.param(["--report_to", "wandb", "--hub_token", "x"], "--report_to wandb needs wandb",
+                 marks=skip_if_installed("wandb")),
+    pytest.param(["--enable_xformers_memory_efficient_attention"], "needs the xformers package",
+                 marks=skip_if_installed("xformers")),
     (["--dataset_name", "cifar10", "--train_data_dir", "."], "either --dataset_name or --train_data_dir, not both"),
     (["--train_data_dir", "/no/such/folder"], "--train_data_dir /no/such/folder is not a directory"),
     (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0"),
@@ -360,7 +366,8 @@ def test_bad_flags_are_refused_before_anything_loads(trainer, argv, message):
 def test_hub_token_with_wandb_is_refused(trainer, monkeypatch):
     import immiscible_pipeline.training.arguments
 
-    monkeypatch.setattr(immiscible_pipeline.training.arguments, "check_report_to", lambda report_to: None)  # as if wandb were there
+    # as if wandb were there
+    monkeypatch.setattr(immiscible_pipeline.training.arguments, "check_report_to", lambda report_to: None)
     with pytest.raises(ValueError, match="--report_to=wandb and --hub_token"):
         trainer.parse_args(["--report_to", "wandb", "--hub_token", "x"])
 

@@ -178,6 +178,7 @@ def assert_the_lora_loads_and_changes_the_output(family, model, output_dir):
     assert Image.open(output_dir / "samples.png").tobytes() == image_grid(images).tobytes()
 
 
+@pytest.mark.slow
 def test_launched_flux_lora_loads_in_plain_diffusers_and_changes_the_output(tiny_models, instance_images, tmp_path):
     launch(SCRIPT, lora_run_command(tiny_models["flux"], instance_images, tmp_path, 4, *VALIDATION))
     assert summary(tmp_path)["num_processes"] == 1 and summary(tmp_path)["family"] == "flux"
@@ -185,7 +186,9 @@ def test_launched_flux_lora_loads_in_plain_diffusers_and_changes_the_output(tiny
     assert_the_lora_loads_and_changes_the_output("flux", tiny_models["flux"], tmp_path)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffusers(tiny_models, instance_images, tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffusers(tiny_models, instance_images,
+                                                                                       tmp_path):
     flags = lora_run_command(tiny_models["sd3"], instance_images, tmp_path, 100000, "--checkpointing_steps", 100000)
     result = interrupt_after_first_step(launch_command(1, SCRIPT, *flags), timeout=300, env=launch_environment())
     assert "SIGINT received" in result.stdout and result.returncode != 0, result.stdout[-4000:]
@@ -199,6 +202,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_sd3_lora_loads_in_plain_diffu
     assert_the_lora_loads_and_changes_the_output("sd3", tiny_models["sd3"], tmp_path)
 
 
+@pytest.mark.slow
 def test_two_processes_assign_the_global_batch_and_train_alike(tiny_models, instance_images, tmp_path):
     """Flux with linear assignment over both processes' samples, per-prompt groups, and the text encoder's LoRA
     (trained outside DDP, its gradients averaged by the script): both processes end with the same weights."""
@@ -241,7 +245,8 @@ def test_lora_resumes_exactly_with_validation_and_writes_a_lora_card(family, tex
     assert summary(resumed)["text_encoders_offloaded"] == (not text_encoder)
     card = (first / "README.md").read_text()
     for text in ("- lora", "- immiscible-knn", f"- {family}", f"base_model: {tiny_models[family]}",
-                 f"Trigger prompt: `{PROMPT}`", "| transformer | LoRA rank 4, alpha 4", 'load_lora_weights("me/tiny-lora")'):
+                 f"Trigger prompt: `{PROMPT}`", "| transformer | LoRA rank 4, alpha 4",
+                 'load_lora_weights("me/tiny-lora")'):
         assert text in card, text
 
 
@@ -258,12 +263,14 @@ def test_rank_0_fine_tunes_the_whole_transformer_into_a_stock_pipeline(family, t
     base = PIPELINES[family].from_pretrained(tiny_models[family])
     assert abs(generate(pipeline) - generate(base)).max() > 1e-3
     card = (tmp_path / "README.md").read_text()
-    assert "| transformer | fine-tuned (whole) |" in card and 'DiffusionPipeline.from_pretrained("me/tiny-full")' in card
+    assert "| transformer | fine-tuned (whole) |" in card
+    assert 'DiffusionPipeline.from_pretrained("me/tiny-full")' in card
     assert "- lora" not in card
 
 
 def test_lora_layers_that_match_nothing_are_named(trainer, tiny_models, instance_images, tmp_path):
-    with pytest.raises(ValueError, match="--lora_layers / --lora_blocks: attn.to_kk match no module of the SD3Transformer2DModel"):
+    with pytest.raises(ValueError,
+                       match="--lora_layers / --lora_blocks: attn.to_kk match no module of the SD3Transformer2DModel"):
         run(trainer, diffusers_command(tiny_models["sd3"], instance_images, tmp_path, "--lora_layers", "attn.to_kk"))
 
 
@@ -521,7 +528,8 @@ def test_prompt_embeddings_are_the_pipelines_and_computed_once_per_prompt(tiny_m
     with torch.no_grad():  # as the class encodes (attention may take another kernel with gradients)
         direct, pooled, _ = pipeline.encode_prompt(["b"], None, max_sequence_length=16)
     # Encoded alone, whatever it was asked with: bit-equal to the pipeline's own encoding of the prompt alone.
-    assert torch.equal(batch["prompt_embeds"][1], direct[0]) and torch.equal(batch["pooled_prompt_embeds"][1], pooled[0])
+    assert torch.equal(batch["prompt_embeds"][1], direct[0])
+    assert torch.equal(batch["pooled_prompt_embeds"][1], pooled[0])
     embeddings(["c"])  # evicts the least recently used ("b")
     embeddings(["a", "b"])
     assert embeddings.encoded == 4

@@ -71,6 +71,7 @@ def test_sdxl_lora_loads_in_plain_diffusers_and_resumes_exactly(trainer, tiny_sd
     assert Image.open(first / "samples.png").tobytes() == image_grid(images).tobytes()
 
 
+@pytest.mark.slow
 def test_sdxl_on_two_processes_assigns_the_global_batch(tiny_sdxl, tiny_imagefolder, tmp_path):
     launch(REPO / "train_immiscible_sd.py", command(tiny_sdxl, tiny_imagefolder, tmp_path, 2, "--rank", 4,
                                                     "--train_batch_size", 1, "--immiscible", "linear",

@@ -26,7 +26,8 @@ import os
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a saved diffusers pipeline folder (DDIMPipeline, StableDiffusionPipeline, ...)")
+    source.add_argument("--model",
+                        help="a saved diffusers pipeline folder (DDIMPipeline, StableDiffusionPipeline, ...)")
     source.add_argument("--images", help="a folder of generated images to score instead of sampling from a model")
     parser.add_argument("--reference", default="mnist",
                         help="'mnist' (bundled, offline), a local image folder, or a Hub dataset name")

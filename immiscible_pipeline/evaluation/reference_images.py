@@ -90,14 +90,16 @@ def _column(dataset, wanted: str | None, defaults: tuple, what: str, required: b
     columns = list(dataset.column_names)
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"the reference dataset has no {what} column {wanted!r}; its columns are: {', '.join(columns)}")
+            raise ValueError(f"the reference dataset has no {what} column {wanted!r}; "
+                             f"its columns are: {', '.join(columns)}")
         return wanted
     for name in defaults:
         if name in columns:
             return name
     if required:
         raise ValueError(f"cannot tell which column of the reference dataset holds the {what}s "
-                         f"(columns: {', '.join(columns)}); name it explicitly (the evaluate CLI: --reference_{what}_column"
+                         f"(columns: {', '.join(columns)}); name it explicitly "
+                         f"(the evaluate CLI: --reference_{what}_column"
                          + ("; train_immiscible_cm.py: --label_column with --class_conditional), or take Inception "
                             "features, which need no labels" if what == "label" else "; the trainers: --image_column)"))
     return None

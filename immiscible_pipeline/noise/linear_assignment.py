@@ -140,7 +140,8 @@ def group_indices(groups: torch.Tensor) -> list[torch.Tensor]:
     return [idx for idx in torch.split(order, counts.tolist()) if idx.numel() > 1]
 
 
-def assignment_permutation(cost: torch.Tensor, groups: torch.Tensor | None = None, solver: str = "auto") -> torch.Tensor:
+def assignment_permutation(cost: torch.Tensor, groups: torch.Tensor | None = None,
+                           solver: str = "auto") -> torch.Tensor:
     """Permutation `perm` (CPU int64) minimising sum_i cost[i, perm[i]], within equal `groups` only."""
     cost_cpu = cost.detach().to("cpu", torch.float64)
     batch = cost_cpu.shape[0]

@@ -10,7 +10,8 @@ Shared by all three trainers:
   flags of diffusers' example scripts, accepted or refused by name).
 
 Per trainer:
-- pixel space (DDIM, CM): `pixel_trainers` (images come from `immiscible_pipeline.data`), `unet_presets`; `consistency_training` (iCT).
+- pixel space (DDIM, CM): `pixel_trainers` (images come from `immiscible_pipeline.data`), `unet_presets`;
+  `consistency_training` (iCT).
 - latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`, `sdxl` (SDXL's conditioning);
   `tiny_stable_diffusion` builds tiny SD and SDXL folders from configs for tests and CPU benchmarks.
 - SD3 and Flux (rectified flow): `flow_matching`, `prompt_embeddings`, `transformer_lora`, `prompted_data` (the

@@ -63,8 +63,9 @@ def add_evaluation_arguments(parser):
     """FID / KID during training (`TrainingEvaluator`); the script adds its sampler-step flag. Returns the group."""
     evaluation = parser.add_argument_group("evaluation during training (FID / KID against the training data)")
     evaluation.add_argument("--eval_steps", type=int, default=None,
-                            help="Compute FID and KID every N steps and at the end (from the EMA weights with --use_ema), "
-                                 "log them as eval/* and append them to <output_dir>/eval_history.jsonl. Default: off.")
+                            help="Compute FID and KID every N steps and at the end (from the EMA weights with "
+                                 "--use_ema), log them as eval/<n>_step/* and append them to "
+                                 "<output_dir>/eval_history.jsonl. Default: off.")
     evaluation.add_argument("--eval_num_samples", type=int, default=2000, help="Generated images per evaluation.")
     evaluation.add_argument("--eval_feature", type=str, default=None, choices=["classifier", "inception"],
                             help="Feature network: a small classifier trained on the dataset's labels (default for the "
