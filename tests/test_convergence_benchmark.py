@@ -248,6 +248,7 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
         convergence.main(common + ["--no_train_eval", "--reevaluate", "cm-2"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["ddim", "cm", "flow"])
 def test_the_benchmark_loop_reaches_the_trainers_weights(convergence, family, tmp_path):
     """The benchmark's evidence is about the shipped trainers: from the same seed, its loop and the trainer

@@ -39,6 +39,7 @@ def tiny_args(tiny_imagefolder, tiny_unet_config_path, tmp_path):
 
 # --- launched runs ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launched_run_saves_a_stock_flow_pipeline_that_samples_and_resumes(tmp_path, tiny_args):
     output = tmp_path / "run"
     launch(SCRIPT, tiny_args(output, "--max_train_steps", 3, "--checkpointing_steps", 2, "--validation_steps", 2,
@@ -59,6 +60,7 @@ def test_launched_run_saves_a_stock_flow_pipeline_that_samples_and_resumes(tmp_p
     assert summary(output)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_two_processes_assign_over_the_global_batch_and_evaluate_at_each_euler_count(tmp_path, tiny_args,
                                                                                       monkeypatch):
     output = tmp_path / "run"
