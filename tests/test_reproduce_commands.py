@@ -28,7 +28,7 @@ from trainer_runs import load_script, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "reproduce-on-gpus.md"
-TRAINERS = ("train_immiscible_ddim.py", "train_immiscible_cm.py", "train_immiscible_sd.py")
+TRAINERS = ("train_immiscible_ddim.py", "train_immiscible_cm.py", "train_immiscible_flow.py", "train_immiscible_sd.py")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads waiting on each other are slower
 
 
@@ -93,7 +93,8 @@ def split_launch(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def test_the_page_has_every_setting_with_vanilla_and_immiscible_side_by_side():
-    assert list(SECTIONS) == ["CIFAR-10, DDIM", "CIFAR-10, consistency model", "CelebA 64 px, consistency model",
+    assert list(SECTIONS) == ["CIFAR-10, DDIM", "CIFAR-10, consistency model", "CIFAR-10, flow matching",
+                              "CelebA 64 px, consistency model",
                               "Stable Diffusion on ImageNet 256 px: fine-tuning SD v1.4 and training from scratch"]
     for title, commands in SECTIONS.items():
         trainings = [dict((o[0], o[1:]) for o in options(split_launch(c)[1])) for c in commands if c[0] == "accelerate"]
@@ -116,6 +117,9 @@ def test_the_papers_settings_are_the_ones_written():
     assert (ddim["--train_batch_size"], ddim["--learning_rate"], ddim["--resolution"]) == (["128"], ["2e-4"], ["32"])
     assert {f.get("--immiscible_k", ["-"])[0] for f in flags["CIFAR-10, DDIM"]} == {"-", "8"}
     assert {f.get("--immiscible_k", ["-"])[0] for f in flags["CIFAR-10, consistency model"]} == {"-", "4"}
+    assert {f.get("--immiscible_k", ["-"])[0] for f in flags["CIFAR-10, flow matching"]} == {"-", "4"}
+    # the papers' set-ups by name: the DDIM trainer's dataset default is diffusers' train_unconditional.py
+    assert {f["--recipe"][0] for f in flags["CIFAR-10, DDIM"] + flags["CIFAR-10, flow matching"]} == {"cifar10-paper"}
     assert flags["CelebA 64 px, consistency model"][0]["--resolution"] == ["64"]
     sd = flags["Stable Diffusion on ImageNet 256 px: fine-tuning SD v1.4 and training from scratch"]
     finetune = [f for f in sd if "--from_scratch" not in f]

@@ -236,7 +236,11 @@ def main(argv=None) -> dict | None:
         pipeline_kwargs = {"timesteps": args.timesteps} if args.timesteps else None
         renoise = set_renoise(args, pipeline, steps)
         if is_main:
-            print(f"sampling with {type(pipeline.scheduler).__name__}, {renoise} re-noising")
+            from ..renoise import injects_noise
+
+            deterministic = not any(injects_noise(pipeline.scheduler, args.eta, n) for n in steps)
+            print(f"sampling with {type(pipeline.scheduler).__name__}, "
+                  f"{'deterministic (nothing re-noised)' if deterministic else renoise + ' re-noising'}")
         prompts = load_prompts(args)
         num_samples = len(prompts.prompts) if prompts is not None else args.num_samples
         if args.sample_only:
