@@ -143,21 +143,6 @@ def check_common_args(args, positive_flags: tuple = ()) -> None:
     check_hub_token(args.report_to, args.hub_token)
 
 
-def fill_pixel_defaults(args, demo: dict, dataset: dict, num_epochs: int = 100) -> None:
-    """The pixel trainers' defaults for flags left unset (None): `demo`'s for the bundled MNIST demo (no
-    --dataset_name or --train_data_dir; `args.bundled_demo` says which), else `dataset`'s. A "unet" entry is left
-    to the model set-up, and the demo's max_train_steps applies only if --num_epochs was not given either."""
-    args.bundled_demo = args.dataset_name is None and args.train_data_dir is None
-    defaults = dict(demo if args.bundled_demo else dataset)
-    defaults.pop("unet", None)
-    if args.num_epochs is not None:
-        defaults.pop("max_train_steps", None)
-    for flag, value in defaults.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, value)
-    args.num_epochs = args.num_epochs or num_epochs
-
-
 def min_snr_gamma(value: float | None) -> float | None:
     """--snr_gamma as the loss takes it: None (plain MSE) for unset or 0, the value if positive."""
     if value is not None and value < 0:
