@@ -16,6 +16,7 @@ Per trainer:
   the evaluator), `unet_presets`, `consistency_training` (iCT).
 - latent Stable Diffusion: `captions`, `latent_cache`, `lora`, `stable_diffusion`, `sdxl` (SDXL's conditioning);
   `tiny_stable_diffusion` builds tiny SD and SDXL folders from configs for tests and CPU benchmarks.
-- SD3 and Flux (rectified flow): `flow_matching` (also the pixel flow objective's), `prompt_embeddings`, `transformer_lora`, `prompted_data` (the
-  data and optimiser set-up of the latent, prompted trainers); `tiny_flow_models` builds tiny SD3 / Flux folders.
+- SD3 and Flux (rectified flow): `flow_matching` (also the pixel flow objective's), `prompt_embeddings`,
+  `transformer_lora`, `prompted_data` (the data and optimiser set-up of the latent, prompted trainers);
+  `tiny_flow_models` builds tiny SD3 / Flux folders.
 """

@@ -1,5 +1,6 @@
-"""What the pixel-space trainers (DDIM, consistency models, flow) share besides `pixel_run`: their training images (a dataset, a folder
-or the bundled MNIST demo), their FID evaluator for --eval_steps and the record of each evaluation."""
+"""What the pixel-space trainers (DDIM, consistency models, flow) share besides `pixel_run`: their training
+images (a dataset, a folder or the bundled MNIST demo), their FID evaluator for --eval_steps and the record of
+each evaluation."""
 
 from __future__ import annotations
 
