@@ -3,7 +3,7 @@
     python benchmarks/unet_step_cost.py              # the presets and the demo sweep's shapes, ~1 min on 2 cores
     python benchmarks/unet_step_cost.py --quick      # a smoke run, a few seconds
 
-The DDIM demo's UNet was chosen by this measurement (docs/train-ddim.md): most of a demo step is the UNet's
+The DDIM demo's UNet was chosen by this measurement (docs/tuning-log.md): most of a demo step is the UNet's
 forward and backward pass, so a cheaper UNet buys more steps in the same wall clock. Torch alone, no trainer
 around it: random 16 px grey input, an MSE loss, `zero_grad` + `backward` + the trainers' AdamW (`make_adamw`,
 fused where the device has the kernel). A second table times the updates alone, the ones a small UNet pays per

@@ -100,7 +100,7 @@ class _UnsupportedAction(argparse.Action):
 
 def add_diffusers_flags(parser: argparse.ArgumentParser, table) -> None:
     """Adds the entries of `table` to `parser`, after the script's own flags (an alias needs its target)."""
-    group = parser.add_argument_group("flags of diffusers' example scripts (see the README's alias table)")
+    group = parser.add_argument_group("flags of diffusers' example scripts (see docs/train-sd.md, flag aliases)")
     for entry in table:
         if isinstance(entry, Alias):
             # One action under two names: argparse has no public call for this, so register the second name

@@ -6,7 +6,7 @@ Three built-in presets:
   convergence benchmark).
 - `MNIST_DEMO_UNET`: the same without attention in the down and up blocks and with channels (16, 32, 64),
   about 0.64M parameters (the DDIM demo). A step costs about half as much on a CPU, so the demo trains in
-  about 5 minutes to samples as good as the larger UNet's in 8 (the sweep is in docs/train-ddim.md).
+  about 5 minutes to samples as good as the larger UNet's in 8 (the sweep is in docs/tuning-log.md).
 - `CIFAR10_UNET`: 32 px RGB, the DDPM CIFAR-10 architecture the Immiscible Diffusion DDIM experiments build
   on (channels 128-256-256-256, two layers per block, attention at 16 x 16, dropout 0.1; about 36M parameters).
 - `DIFFUSERS_UNCONDITIONAL_UNET`: the UNet diffusers' train_unconditional.py builds (64 px RGB, channels
