@@ -64,6 +64,19 @@ def test_verdict_names_a_gain_or_loss_only_where_the_t_interval_excludes_one():
     assert fid_curves.mean_interval([1.4]) is None and fid_curves.verdict(None) == "too few seeds"
 
 
+def test_a_vanilla_curve_that_only_worsens_makes_the_speed_up_not_measurable():
+    def run(method, seed, fids):
+        return {"method": method, "seed": seed, "curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)]}
+    # Vanilla's final FID (50) is already met at its first evaluation, so every ratio is capped at 1 by the
+    # evaluation grid although linear is better everywhere.
+    worsening = [run("none", s, [40, 45, 50]) for s in (0, 1)] + [run("linear", s, [20, 19, 18 + s]) for s in (0, 1)]
+    summary = fid_curves.summarise(worsening, ["none", "linear"], [0, 1])
+    assert summary["equal_fid"]["linear"] == [1.0, 1.0]
+    assert summary["verdict"]["linear"] == fid_curves.UNMEASURABLE
+    improving = [run("none", s, [40, 30, 20]) for s in (0, 1)] + [run("linear", s, [40, 30, 20]) for s in (0, 1)]
+    assert fid_curves.summarise(improving, ["none", "linear"], [0, 1])["verdict"]["linear"] == "no clear difference"
+
+
 def curve_run(method, seed, curves, step=100):
     """A finished run with synthetic FID curves {sampler steps: [FID per evaluation]}."""
     return {"method": method, "seed": seed, "step_ms_median": 1.0, "noise_ms_median": 0.1, "wall_seconds": 1.0,

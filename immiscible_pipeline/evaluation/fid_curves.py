@@ -11,6 +11,9 @@ order); a run reaches it at the first evaluation where FID <= target, linearly i
 evaluation. Speed-up = vanilla's steps / the method's steps, per seed. For a run that ends worse than vanilla, the
 steps vanilla needed to reach that run's final FID / the run's steps (a slow-down below 1), so that every seed has
 a ratio. The verdict names a gain or a loss only where the 95% interval of the mean ratio excludes 1.
+Where vanilla already stands at its final FID at its first evaluation (its curve only gets worse), no ratio can
+exceed the first evaluation's resolution: the verdict then says so instead of "no clear difference", and the FIDs
+are the evidence.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ def verdict(interval: tuple[float, float] | None) -> str:
     return "faster" if low > 1 else "slower" if high < 1 else "no clear difference"
 
 
+UNMEASURABLE = "not measurable: vanilla is at its final FID from its first evaluation (compare the FIDs)"
+
+
 def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
     """Steps-to-target and speed-ups of runs with one FID curve each (`run["curve"]`), every (method, seed) of
     `methods` x `seeds` present and evaluated at the same steps. With the runs' `step_ms_median` and
@@ -92,9 +98,11 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> dict:
                   "noise_ms": statistics.median(by[(m, s)]["noise_ms_median"] for s in seeds)}
               for m in methods} if timed else {}
     interval = {m: mean_interval(values) for m, values in equal_fid.items()}
+    verdicts = {m: verdict(i) for m, i in interval.items()}
+    if reach and all(reach["none"][s] == steps[0] for s in seeds):
+        verdicts = {m: UNMEASURABLE if interval[m] is not None else v for m, v in verdicts.items()}
     return {"steps": steps, "fid": fid, "reach": reach, "ratio": ratio, "unreached": unreached,
-            "equal_fid": equal_fid, "equal_fid_interval": interval,
-            "verdict": {m: verdict(i) for m, i in interval.items()}, "timing": timing}
+            "equal_fid": equal_fid, "equal_fid_interval": interval, "verdict": verdicts, "timing": timing}
 
 
 def value_at(steps: list[int], values: list[float], step: float) -> float | None:
