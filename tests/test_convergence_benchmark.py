@@ -66,7 +66,8 @@ def test_verdict_names_a_gain_or_loss_only_where_the_t_interval_excludes_one():
 
 def test_a_vanilla_curve_that_only_worsens_makes_the_speed_up_not_measurable():
     def run(method, seed, fids):
-        return {"method": method, "seed": seed, "curve": [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)]}
+        curve = [{"step": 100 * (i + 1), "fid": f} for i, f in enumerate(fids)]
+        return {"method": method, "seed": seed, "curve": curve}
     # Vanilla's final FID (50) is already met at its first evaluation, so every ratio is capped at 1 by the
     # evaluation grid although linear is better everywhere.
     worsening = [run("none", s, [40, 45, 50]) for s in (0, 1)] + [run("linear", s, [20, 19, 18 + s]) for s in (0, 1)]
