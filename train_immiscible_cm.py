@@ -20,7 +20,8 @@ from immiscible_pipeline.renoise import warn_if_independent
 from immiscible_pipeline.training.arguments import check_common_args
 from immiscible_pipeline.training.consistency_training import LOSSES, SAMPLER_LEVELS, ConsistencyRecipe
 from immiscible_pipeline.training.hub_publishing import card_description, immiscible_tags
-from immiscible_pipeline.training.pixel_arguments import Recipe, add_pixel_training_arguments, apply_recipe
+from immiscible_pipeline.training.pixel_arguments import (PAPERS_OPTIMISER, Recipe, add_pixel_training_arguments,
+                                                          apply_recipe)
 from immiscible_pipeline.training.pixel_objectives import ConsistencyObjective
 from immiscible_pipeline.training.pixel_run import PixelRun, card_settings
 from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET
@@ -31,10 +32,10 @@ from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_UNET
 RECIPES = {
     "mnist-demo": Recipe("the bundled MNIST at 16 px, a small UNet, 1000 steps of batch 64", {
         "unet": MNIST_UNET, "train_batch_size": 64, "max_train_steps": 1000, "learning_rate": 1e-3,
-        "lr_warmup_steps": 100, "dropout": 0.0}),
+        "lr_warmup_steps": 100, **PAPERS_OPTIMISER, "dropout": 0.0}),
     "ict-cifar10": Recipe("improved consistency training's CIFAR-10 settings on the DDPM CIFAR-10 UNet (32 px)", {
         "unet": CIFAR10_UNET, "train_batch_size": 128, "learning_rate": 1e-4, "lr_warmup_steps": 500,
-        "dropout": 0.3}),
+        **PAPERS_OPTIMISER, "dropout": 0.3}),
 }
 logger = get_logger(__name__, log_level="INFO")
 
@@ -44,9 +45,9 @@ GRID_STEPS = (1, 2)  # samples.png: one-step and two-step samples of the same no
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data, model, _, _, evaluation = add_pixel_training_arguments(
-        parser, RECIPES, output_dir="immiscible-cm", lr_scheduler="constant_with_warmup", adam_beta1=0.9,
-        adam_weight_decay=0.0, use_ema_help="Keep an EMA of the weights (with warm-up) for sampling and saving "
-                                            "(iCT samples the EMA). Default: on.")  # iCT: Adam, no weight decay
+        parser, RECIPES, output_dir="immiscible-cm",
+        use_ema_help="Keep an EMA of the weights (with warm-up) for sampling and saving (iCT samples the EMA). "
+                     "Default: on.")
     parser.set_defaults(immiscible_k=4, use_ema=True)  # the follow-up paper's k for CM
     data.add_argument("--class_conditional", action="store_true",
                       help="Condition on a ClassLabel column (--label_column): a class embedding in the UNet, "

@@ -19,7 +19,8 @@ from immiscible_pipeline.training.arguments import check_common_args, min_snr_ga
 from immiscible_pipeline.training.diffusers_example_flags import UNCONDITIONAL_FLAGS, add_diffusers_flags
 from immiscible_pipeline.training.hub_publishing import card_description, immiscible_tags
 from immiscible_pipeline.training.losses import PREDICTION_TYPES
-from immiscible_pipeline.training.pixel_arguments import Recipe, add_pixel_training_arguments, apply_recipe
+from immiscible_pipeline.training.pixel_arguments import (PAPERS_OPTIMISER, TRAIN_UNCONDITIONAL_OPTIMISER, Recipe,
+                                                          add_pixel_training_arguments, apply_recipe)
 from immiscible_pipeline.training.pixel_objectives import DiffusionObjective
 from immiscible_pipeline.training.pixel_run import PixelRun, card_settings
 from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, DIFFUSERS_UNCONDITIONAL_UNET, MNIST_DEMO_UNET
@@ -32,25 +33,27 @@ RECIPES = {
     "mnist-demo": Recipe("the bundled MNIST at 16 px, a small UNet, x0 prediction on a cosine schedule with "
                          "min-SNR weighting", {
                              "unet": MNIST_DEMO_UNET, "train_batch_size": 16, "max_train_steps": 5200,
-                             "learning_rate": 1e-3, "lr_warmup_steps": 100, "use_ema": True,
-                             "prediction_type": "sample", "ddpm_beta_schedule": "squaredcos_cap_v2",
+                             "learning_rate": 1e-3, "lr_warmup_steps": 100, **TRAIN_UNCONDITIONAL_OPTIMISER,
+                             "use_ema": True, "prediction_type": "sample", "ddpm_beta_schedule": "squaredcos_cap_v2",
                              "snr_gamma": 0.5}),
     "diffusers": Recipe("diffusers' train_unconditional.py defaults: its UNet at 64 px, batch 16, 1e-4", {
         "unet": DIFFUSERS_UNCONDITIONAL_UNET, "train_batch_size": 16, "learning_rate": 1e-4,
-        "lr_warmup_steps": 500, "use_ema": False, "prediction_type": "epsilon", "ddpm_beta_schedule": "linear",
-        "snr_gamma": 0.0}),
-    "cifar10-paper": Recipe("the DDPM CIFAR-10 UNet at 32 px, batch 128, 2e-4 (the papers' DDIM set-up)", {
-        "unet": CIFAR10_UNET, "train_batch_size": 128, "learning_rate": 2e-4, "lr_warmup_steps": 500,
-        "use_ema": False, "prediction_type": "epsilon", "ddpm_beta_schedule": "linear", "snr_gamma": 0.0}),
+        "lr_warmup_steps": 500, **TRAIN_UNCONDITIONAL_OPTIMISER, "use_ema": False, "prediction_type": "epsilon",
+        "ddpm_beta_schedule": "linear", "snr_gamma": 0.0, "mixed_precision": "no"}),
+    "cifar10-paper": Recipe("DDPM's CIFAR-10 set-up, which the papers' DDIM runs follow: its UNet at 32 px, batch 128, "
+                            "Adam 2e-4 constant after 5000 warm-up steps, EMA", {
+                                "unet": CIFAR10_UNET, "train_batch_size": 128, "learning_rate": 2e-4,
+                                "lr_warmup_steps": 5000, **PAPERS_OPTIMISER, "use_ema": True,
+                                "prediction_type": "epsilon", "ddpm_beta_schedule": "linear", "snr_gamma": 0.0}),
 }
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _, model, _, _, evaluation = add_pixel_training_arguments(
-        parser, RECIPES, output_dir="immiscible-ddim", lr_scheduler="cosine", adam_beta1=0.95,
-        adam_weight_decay=1e-6, use_ema_help="Keep an EMA of the weights (with warm-up) and save it. Default: the "
-                                             "recipe's (on for the MNIST demo).")  # train_unconditional.py's Adam
+        parser, RECIPES, output_dir="immiscible-ddim",
+        use_ema_help="Keep an EMA of the weights (with warm-up) and save it. Default: the recipe's (on for the MNIST "
+                     "demo and cifar10-paper).")
     model.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                        help="What the UNet predicts. Default: the recipe's (sample, the clean image, for the MNIST "
                             "demo; epsilon, the noise, as diffusers' train_unconditional.py, otherwise).")

@@ -17,7 +17,8 @@ import argparse
 
 from immiscible_pipeline.training.arguments import check_common_args
 from immiscible_pipeline.training.hub_publishing import card_description, immiscible_tags
-from immiscible_pipeline.training.pixel_arguments import Recipe, add_pixel_training_arguments, apply_recipe
+from immiscible_pipeline.training.pixel_arguments import (PAPERS_OPTIMISER, TRAIN_UNCONDITIONAL_OPTIMISER, Recipe,
+                                                          add_pixel_training_arguments, apply_recipe)
 from immiscible_pipeline.training.pixel_objectives import PIXEL_FLOW_WEIGHTING, FlowObjective
 from immiscible_pipeline.training.pixel_run import PixelRun, card_settings
 from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_DEMO_UNET
@@ -29,20 +30,20 @@ from immiscible_pipeline.training.unet_presets import CIFAR10_UNET, MNIST_DEMO_U
 RECIPES = {
     "mnist-demo": Recipe("the bundled MNIST at 16 px, the DDIM demo's small UNet and optimiser, logit-normal levels", {
         "unet": MNIST_DEMO_UNET, "train_batch_size": 16, "max_train_steps": 5200, "learning_rate": 1e-3,
-        "lr_warmup_steps": 100, "use_ema": True, "weighting_scheme": "logit_normal"}),
+        "lr_warmup_steps": 100, **TRAIN_UNCONDITIONAL_OPTIMISER, "use_ema": True, "weighting_scheme": "logit_normal"}),
     "cifar10-paper": Recipe("CIFAR-10 flow matching as in torchcfm and the follow-up paper: uniform levels, batch "
-                            "128, 2e-4, 5000 warm-up steps, EMA, the DDPM CIFAR-10 UNet", {
+                            "128, Adam 2e-4 constant after 5000 warm-up steps, EMA, on the DDPM CIFAR-10 UNet", {
                                 "unet": CIFAR10_UNET, "train_batch_size": 128, "learning_rate": 2e-4,
-                                "lr_warmup_steps": 5000, "use_ema": True, "weighting_scheme": "uniform"}),
+                                "lr_warmup_steps": 5000, **PAPERS_OPTIMISER, "use_ema": True,
+                                "weighting_scheme": "uniform"}),
 }
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _, model, _, save, evaluation = add_pixel_training_arguments(
-        parser, RECIPES, output_dir="immiscible-flow", lr_scheduler="cosine", adam_beta1=0.95,
-        adam_weight_decay=1e-6, use_ema_help="Keep an EMA of the weights (with warm-up) for sampling and saving. "
-                                             "Default: the recipe's (on).")
+        parser, RECIPES, output_dir="immiscible-flow",
+        use_ema_help="Keep an EMA of the weights (with warm-up) for sampling and saving. Default: the recipe's (on).")
     parser.set_defaults(immiscible_k=4)  # the k of the official flow-matching code (Improved Immiscible Diffusion)
     model.add_argument("--weighting_scheme", type=str, default=None, choices=PIXEL_FLOW_WEIGHTING,
                        help="How the levels s are drawn and weighted, diffusers' names: logit_normal, mode, cosmap, "

@@ -329,10 +329,16 @@ def test_defaults_follow_the_recipe_diffusers_for_a_dataset_and_the_demo_without
     assert (dataset.train_batch_size, dataset.learning_rate, dataset.lr_warmup_steps, dataset.use_ema) == (
         16, 1e-4, 500, False)
     assert (dataset.prediction_type, dataset.ddpm_beta_schedule, dataset.snr_gamma) == ("epsilon", "linear", None)
+    assert (dataset.lr_scheduler, dataset.adam_beta1, dataset.adam_weight_decay) == ("cosine", 0.95, 1e-6)
+    assert dataset.mixed_precision == "no"  # its --mixed_precision default, which overrides `accelerate config`
     assert trainer.RECIPES["diffusers"].defaults["unet"]["sample_size"] == 64
-    # our own set-up goes by name
+    # our own set-up goes by name: DDPM's CIFAR-10 optimiser and schedule, not train_unconditional.py's
     paper = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder), "--recipe", "cifar10-paper"])
-    assert (paper.train_batch_size, paper.learning_rate) == (128, 2e-4)
+    assert (paper.train_batch_size, paper.learning_rate, paper.lr_warmup_steps, paper.use_ema) == (
+        128, 2e-4, 5000, True)
+    assert (paper.lr_scheduler, paper.adam_beta1, paper.adam_weight_decay) == ("constant_with_warmup", 0.9, 0.0)
+    given = trainer.parse_args(["--recipe", "cifar10-paper", "--lr_scheduler", "linear", "--adam_beta1", "0.8"])
+    assert (given.lr_scheduler, given.adam_beta1, given.adam_weight_decay) == ("linear", 0.8, 0.0)
     assert trainer.parse_args(["--snr_gamma", "0"]).snr_gamma is None
     assert (demo.eval_feature, dataset.eval_feature) == ("classifier", "inception")
     assert dataset.eval_inference_steps == [dataset.ddim_num_inference_steps]

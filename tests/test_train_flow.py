@@ -196,6 +196,9 @@ def test_recipes_fill_unset_flags_the_demo_without_a_dataset(trainer, tiny_image
         assert flag == "unet" or getattr(demo, flag) == value, flag
     dataset = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder)])
     assert dataset.recipe == "cifar10-paper" and dataset.weighting_scheme == "uniform"
+    # torchcfm's CIFAR-10 optimiser: Adam 2e-4 without weight decay, constant after 5000 warm-up steps
+    assert (dataset.lr_scheduler, dataset.adam_beta1, dataset.adam_weight_decay, dataset.lr_warmup_steps) == (
+        "constant_with_warmup", 0.9, 0.0, 5000)
     mine = trainer.parse_args(["--train_data_dir", str(tiny_imagefolder), "--recipe", "mnist-demo",
                                "--train_batch_size", "7"])
     assert (mine.train_batch_size, mine.weighting_scheme) == (7, "logit_normal")  # a given flag wins

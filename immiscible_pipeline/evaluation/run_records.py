@@ -32,8 +32,8 @@ BOOKKEEPING = frozenset({
     "output_dir", "logging_dir", "cache_dir", "report_to", "tracker_project_name", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "overwrite_output_dir", "validation_steps", "validation_epochs", "num_validation_images", "save_images_epochs",
-    "ddim_num_inference_steps", "dataloader_num_workers", "enable_xformers_memory_efficient_attention",
-    "gradient_checkpointing", "global_step"})
+    "ddim_num_inference_steps", "validation_inference_steps", "dataloader_num_workers",
+    "enable_xformers_memory_efficient_attention", "gradient_checkpointing", "global_step"})
 BATCH_LAYOUT = frozenset({"train_batch_size", "gradient_accumulation_steps", "num_processes"})
 METHOD_FLAGS = frozenset({"immiscible", "immiscible_k", "assignment_scope", "assignment_cost_dtype"})
 SAMPLER_FLAGS = frozenset({"eval_inference_steps", "renoise"})
@@ -117,7 +117,9 @@ def read_trainer_run(folder: Path) -> RunRecord:
     method = "knn" + str(config["immiscible_k"]) if config["immiscible"] == "knn" else config["immiscible"]
     if config.get("seed") is None:
         raise ValueError(f"{config_file} records no seed")
-    default_steps = config.get("eval_inference_steps")  # the DDIM trainer's lines do not name their step count
+    default_steps = config.get("eval_inference_steps")  # older DDIM trainer lines do not name their step count
+    if isinstance(default_steps, list):  # now a list: a line without its count can only be the single entry's
+        default_steps = default_steps[0] if len(default_steps) == 1 else None
     curves, measured = {}, set()
     for number, line in enumerate(history.read_text().splitlines(), 1):
         if not line.strip():

@@ -63,12 +63,13 @@ def setup_accelerator(args):
     return accelerator, repo_id
 
 
-NOISE_STREAM = 0x6E6F6973  # "nois": mixed into the noise streams' seeds, so that they never equal a weight seed
+NOISE_STREAM = 0x6E6F6973  # "nois": mixed into the noise streams' seeds, hashed apart from the weight seeds
 
 
 def noise_stream_seed(seed: int, process_index: int) -> int:
     """The seed of process `process_index`'s noise and timesteps in a run of seed `seed`: distinct on each
-    process, and apart from every run's initial weights (seed + p would be run seed + p's weights)."""
+    process, and apart from every run's initial weights (seed + p would be run seed + p's weights) unless two
+    32-bit hashes collide."""
     from ..data import sample_seed
 
     return sample_seed(seed, NOISE_STREAM, process_index) % 2**32  # numpy's seeds are 32-bit

@@ -88,12 +88,14 @@ def assignment_batch_warning(method: str, batch_size: int, scope: str, num_proce
             f"each sample keeps the nearest of 4 noises).")
 
 
-def add_optimizer_arguments(group, adam_beta1: float = 0.9, adam_weight_decay: float = 1e-2) -> None:
+def add_optimizer_arguments(group, adam_beta1: float | None = 0.9, adam_weight_decay: float | None = 1e-2) -> None:
     """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; train_unconditional.py uses
     beta1 0.95 and weight decay 1e-6)."""
-    group.add_argument("--adam_beta1", type=float, default=adam_beta1)
+    from_recipe = "Default: the recipe's."  # None: a trainer with recipes fills it (pixel_arguments.apply_recipe)
+    group.add_argument("--adam_beta1", type=float, default=adam_beta1, help=from_recipe if adam_beta1 is None else None)
     group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
+    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay,
+                       help=from_recipe if adam_weight_decay is None else None)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 turns it off).")
 

@@ -1,7 +1,7 @@
 """The flags the pixel trainers (DDIM, consistency models, rectified flow) share, and their recipes: named sets
 of defaults for the flags a command line leaves unset.
 
-    add_pixel_training_arguments(parser, RECIPES, output_dir="immiscible-flow", lr_scheduler="cosine", ...)
+    add_pixel_training_arguments(parser, RECIPES, output_dir="immiscible-flow", use_ema_help="...")
     ...
     apply_recipe(args, RECIPES, dataset_recipe="cifar10-paper")    # in check_args; says which recipe in args.recipe
 
@@ -20,6 +20,10 @@ from .arguments import (LR_SCHEDULERS, add_ema_warmup_arguments, add_evaluation_
                         add_optimizer_arguments, add_output_arguments, add_pixel_data_arguments)
 
 DEMO_RECIPE = "mnist-demo"
+# diffusers' train_unconditional.py optimiser and schedule: the DDIM trainer's "diffusers" recipe and the demos
+TRAIN_UNCONDITIONAL_OPTIMISER = {"lr_scheduler": "cosine", "adam_beta1": 0.95, "adam_weight_decay": 1e-6}
+# DDPM's and torchcfm's CIFAR-10 optimiser: Adam without weight decay, a constant rate after the warm-up
+PAPERS_OPTIMISER = {"lr_scheduler": "constant_with_warmup", "adam_beta1": 0.9, "adam_weight_decay": 0.0}
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,12 @@ class Recipe:
 
     def summary(self) -> str:
         """The flag values this recipe fills, for the log at start."""
-        return ", ".join(f"--{flag} {value}" for flag, value in self.defaults.items() if flag != "unet")
+        def as_flag(flag, value):  # booleans as they are typed: --use_ema / --no-use_ema
+            return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+        return ", ".join(as_flag(flag, value) for flag, value in self.defaults.items() if flag != "unet")
 
 
-def add_pixel_training_arguments(parser, recipes: dict, *, output_dir: str, lr_scheduler: str, adam_beta1: float,
-                                 adam_weight_decay: float, use_ema_help: str):
+def add_pixel_training_arguments(parser, recipes: dict, *, output_dir: str, use_ema_help: str):
     """Data, model config, assignment, optimisation, EMA, checkpoints, sample grids, evaluation and --recipe.
     Returns the groups (data, model, train, save, evaluation) for the script's own flags."""
     demo = recipes[DEMO_RECIPE].defaults
@@ -65,11 +70,13 @@ def add_pixel_training_arguments(parser, recipes: dict, *, output_dir: str, lr_s
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     train.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate. Default: the recipe's.")
-    train.add_argument("--lr_scheduler", type=str, default=lr_scheduler, choices=LR_SCHEDULERS)
+    train.add_argument("--lr_scheduler", type=str, default=None, choices=LR_SCHEDULERS,
+                       help="Default: the recipe's.")
     train.add_argument("--lr_warmup_steps", type=int, default=None, help="Warm-up steps. Default: the recipe's.")
-    add_optimizer_arguments(train, adam_beta1=adam_beta1, adam_weight_decay=adam_weight_decay)
+    add_optimizer_arguments(train, adam_beta1=None, adam_weight_decay=None)  # None: the recipe's
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Default: the value of `accelerate config` / `accelerate launch`.")
+                       help="Default: the recipe's if it sets one (diffusers: no, as train_unconditional.py), "
+                            "else the value of `accelerate config` / `accelerate launch`.")
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None, help=use_ema_help)
     add_ema_warmup_arguments(train)
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")

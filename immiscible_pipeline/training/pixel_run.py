@@ -2,7 +2,7 @@
 train_immiscible_flow.py do before and after their loop, so that the three differ only in their flags, their
 objective (`pixel_objectives`) and their model card, while each keeps its loop in view:
 
-    run = PixelRun(args, "train_immiscible_flow", RECIPES, grid_steps=(1, 4))   # 1. set-up
+    run = PixelRun(args, "train_immiscible_flow", RECIPES, grid_steps=args.validation_inference_steps)  # 1. set-up
     objective = FlowObjective(...)
     for batch in run.batches():                                  # 2. epochs, resume position, Ctrl-C
         with run.accelerator.accumulate(run.model):
