@@ -89,8 +89,8 @@ def assignment_batch_warning(method: str, batch_size: int, scope: str, num_proce
 
 
 def add_optimizer_arguments(group, adam_beta1: float | None = 0.9, adam_weight_decay: float | None = 1e-2) -> None:
-    """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; train_unconditional.py uses
-    beta1 0.95 and weight decay 1e-6)."""
+    """AdamW and gradient clipping flags (defaults: train_text_to_image.py's; the pixel trainers pass None and
+    take beta1 and weight decay from their recipe)."""
     from_recipe = "Default: the recipe's."  # None: a trainer with recipes fills it (pixel_arguments.apply_recipe)
     group.add_argument("--adam_beta1", type=float, default=adam_beta1, help=from_recipe if adam_beta1 is None else None)
     group.add_argument("--adam_beta2", type=float, default=0.999)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from .checkpoints import EVAL_HISTORY
+from .pixel_arguments import DEMO_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def pixel_training_data(args, accelerator, channels: int, label_column: str | No
     description = describe_dataset(args.dataset_name, args.train_data_dir)
     if args.bundled_demo and accelerator.is_main_process:
         demo = (f" with a small UNet for {args.max_train_steps} steps, a demo that needs no download and finishes "
-                "in minutes on a CPU" if args.recipe == "mnist-demo" else f" with the {args.recipe} recipe")
+                "in minutes on a CPU" if args.recipe == DEMO_RECIPE else f" with the {args.recipe} recipe")
         logger.info(f"No --dataset_name or --train_data_dir: training on {description}, 50,000 digits at "
                     f"{args.resolution} px{demo}. Pass --dataset_name or --train_data_dir to train on your own images.")
     elif accelerator.is_main_process:
