@@ -67,6 +67,26 @@ def test_solver_reaches_the_optimum_on_digits_against_noise(solver, batch, side)
 
 
 @pytest.mark.parametrize("solver", EXACT_SOLVERS)
+@pytest.mark.parametrize("kind", ["digits", "uniform"])
+def test_float32_costs_reach_the_optimum_of_the_same_numbers_in_float64(solver, kind):
+    # pairwise_l2 gives float32: lapcpp solves digit distances in float32 (their row reduction is exact there);
+    # uniform [0, 10) costs break that condition and must still come out optimal (reduced in float64).
+    rng = np.random.default_rng(3)
+    cost = mnist_against_noise(256, 16, seed=3) if kind == "digits" else rng.random((256, 256)) * 10
+    cost32 = cost.astype(np.float32)
+    assert_exact(cost32.astype(np.float64), solve_assignment(cost32, solver))
+    assert_exact(cost32.astype(np.float64), solve_assignment(torch.from_numpy(cost32), solver))
+
+
+def test_float32_row_reduction_is_kept_only_where_it_is_exact():
+    digits = linear_assignment._row_reduced(mnist_against_noise(64, 16, seed=4).astype(np.float32), keep_float32=True)
+    uniform = linear_assignment._row_reduced(np.random.default_rng(4).random((64, 64), dtype=np.float32),
+                                             keep_float32=True)
+    assert digits.dtype == np.float32 and uniform.dtype == np.float64
+    assert (digits.min(axis=1) == 0).all() and (uniform.min(axis=1) == 0).all()
+
+
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
 def test_solver_is_optimal_against_brute_force_and_with_ties(solver):
     rng = np.random.default_rng(0)
     for batch in (2, 3, 6):

@@ -114,22 +114,36 @@ def solve_assignment(cost, solver: str = "auto") -> np.ndarray:
     """Column index assigned to each row that minimises the total cost of a square matrix (exact)."""
     name = resolve_solver(solver)
     if isinstance(cost, torch.Tensor):
-        cost = cost.detach().to("cpu", torch.float64).numpy()
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
+        cost = cost.detach().cpu()
+        cost = cost.numpy() if cost.dtype in (torch.float32, torch.float64) else cost.double().numpy()
+    cost = np.asarray(cost)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
     if cost.shape[0] <= 1:
         return np.zeros(cost.shape[0], dtype=np.int64)
     if name == "scipy":
-        return linear_sum_assignment(cost)[1].astype(np.int64)
+        return linear_sum_assignment(np.asarray(cost, dtype=np.float64))[1].astype(np.int64)
     # A constant per row leaves the optimum unchanged and roughly halves Jonker-Volgenant's work on L2 costs.
-    reduced = cost - cost.min(axis=1, keepdims=True)
+    reduced = _row_reduced(cost, keep_float32=name == "lapcpp")
     if name == "lapcpp":
         rows, cols = _solver_module("lapcpp").lapjv(reduced, return_cost=False)
         perm = np.empty(cost.shape[0], dtype=np.int64)
         perm[rows] = cols
         return perm
     return np.asarray(_solver_module("lap").lapjv(reduced, extend_cost=False)[1], dtype=np.int64)
+
+
+def _row_reduced(cost: np.ndarray, keep_float32: bool) -> np.ndarray:
+    """`cost` minus each row's minimum, contiguous. A float32 matrix (what `pairwise_l2` gives) stays float32
+    when every entry lies within twice its row's minimum, as distances between images and noise do: each
+    difference is then exact in float32 (Sterbenz), so the solver sees exactly the float64 problem with half the
+    bytes (lapcpp keeps its potentials in float64). Anything else is reduced in float64."""
+    if keep_float32 and cost.dtype == np.float32:
+        low = cost.min(axis=1, keepdims=True)
+        if np.all(low >= 0) and np.all(cost.max(axis=1, keepdims=True) <= 2 * low):
+            return np.ascontiguousarray(cost - low)
+    cost = np.ascontiguousarray(cost, dtype=np.float64)
+    return cost - cost.min(axis=1, keepdims=True)
 
 
 def group_indices(groups: torch.Tensor) -> list[torch.Tensor]:
@@ -143,7 +157,9 @@ def group_indices(groups: torch.Tensor) -> list[torch.Tensor]:
 def assignment_permutation(cost: torch.Tensor, groups: torch.Tensor | None = None,
                            solver: str = "auto") -> torch.Tensor:
     """Permutation `perm` (CPU int64) minimising sum_i cost[i, perm[i]], within equal `groups` only."""
-    cost_cpu = cost.detach().to("cpu", torch.float64)
+    cost_cpu = cost.detach().cpu()  # float32 stays float32 for lapcpp (see _row_reduced)
+    if cost_cpu.dtype not in (torch.float32, torch.float64):
+        cost_cpu = cost_cpu.double()
     batch = cost_cpu.shape[0]
     if groups is None:
         return torch.from_numpy(solve_assignment(cost_cpu.numpy(), solver))
