@@ -68,6 +68,11 @@ def parse_sampler(name: str, family: str) -> Sampler:
                    int(match["first"]) if match["first"] else None, int(match["mid"]) if match["mid"] else None)
 
 
+def uncoupled_twin(sampler: Sampler) -> str:
+    """The name of the same sampler with stock, independent re-noising."""
+    return sampler.name.split("-matched")[0]
+
+
 def sampling_pipeline(sampler: Sampler, objective, model, coupling):
     """The family's pipeline around `model` (DDPM's for `ddpm`), re-noising as the sampler says."""
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -116,7 +121,14 @@ def score_run(run_name: str, method: str, k: int, weights_dir: str, steps: list[
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: train the run again with --retrain_missing_weights")
         model.load_state_dict(load_file(path))
-        for sampler in missing:
+        for sampler in sorted(missing, key=lambda s: s.matched):  # the independent twins first (see below)
+            twin = uncoupled_twin(sampler)
+            if method == "none" and sampler.matched and str(step) in scores.get(twin, {}):
+                # Nothing to couple: matched re-noising of a vanilla run is the stock sampler, image for image
+                # (tests/test_matched_renoise.py), so its score is the independent twin's, not drawn again.
+                scores.setdefault(sampler.name, {})[str(step)] = dict(scores[twin][str(step)], same_as=twin)
+                save_scores(scores_path, scores)
+                continue
             started = time.perf_counter()
             evaluator.eta, evaluator.pipeline_kwargs = sampler.eta, sampler.pipeline_kwargs()
             with torch.no_grad():

@@ -250,8 +250,12 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
     curves = result["curves"]["linear-seed0"]
     assert sorted(curves) == sorted(samplers) and [p["step"] for p in curves["ddpm-2"]] == [3, 6]
     assert curves["ddpm-2"][-1]["fid"] != curves["ddpm-2-matched"][-1]["fid"]  # the coupling changed the samples
-    # Vanilla has no coupling to match: its matched scores are its independent ones.
-    assert result["curves"]["none-seed0"]["ddpm-2-matched"] == result["curves"]["none-seed0"]["ddpm-2"]
+    # Vanilla has no coupling to match: its matched scores are its independent ones, taken over, not sampled again.
+    vanilla = result["curves"]["none-seed0"]
+    assert [p["fid"] for p in vanilla["ddpm-2-matched"]] == [p["fid"] for p in vanilla["ddpm-2"]]
+    assert all(p["same_as"] == "ddpm-2" for p in vanilla["ddpm-2-matched"] + vanilla["ddpm-2-matched1"])
+    assert not re.search(r"none-seed0\S* step +\d+ ddpm-2-matched", output)
+    assert re.search(r"linear-seed0\S* step +\d+ ddpm-2-matched", output)
     table = (out / "samplers" / "results.md").read_text()
     assert "| DDPM ancestral, 2 steps, matched re-noising (first 1) |" in table and "12 samples" in table
     assert (out / "samplers" / "fid_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
