@@ -627,7 +627,10 @@ def run_benchmark(args) -> dict:
     methods = method_names(args.methods, args.knn_k or FAMILY_DEFAULTS[args.family]["knn_k"])
     output_dir = args.output_dir or default_output_dir(args.family)
     work_dir = args.work_dir or os.path.join(REPO, "benchmark-results", "convergence-work", args.family)
-    os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
+    # Runs trained without FID (kept only for --reevaluate) are filed with the sampler study, so that `runs/` holds
+    # one setting's evaluated runs, as `python -m immiscible_pipeline.compare <output_dir>/runs` needs.
+    runs_dir = os.path.join(output_dir, "runs") if settings.train_eval else os.path.join(output_dir, "samplers", "runs")
+    os.makedirs(runs_dir, exist_ok=True)
     started = time.perf_counter()
     print(f"convergence benchmark ({args.family}): methods {methods}, seeds {args.seeds}, {settings.steps} steps, FID "
           f"at {settings.eval_steps() if args.backend == 'loop' else 'every ' + str(settings.eval_every)} on "
@@ -647,7 +650,7 @@ def run_benchmark(args) -> dict:
     for seed in args.seeds:  # seeds outer, methods inner: slow drifts of the shared CPU hit every method alike
         for name in methods:
             run_name = f"{name}-seed{seed}-{settings.key()}{'-script' if args.backend == 'script' else ''}"
-            path = os.path.join(output_dir, "runs", f"{run_name}.json")
+            path = os.path.join(runs_dir, f"{run_name}.json")
             weights_dir = os.path.join(work_dir, run_name, "weights")
             if os.path.isfile(path) and not (args.retrain_missing_weights and args.backend == "loop"
                                              and not has_weights(weights_dir, settings)):

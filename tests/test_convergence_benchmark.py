@@ -240,6 +240,8 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
               str(work), "--cache_dir", str(tmp_path / "cache")]
     trained = convergence.main(common + ["--no_train_eval"])
     assert all(not curve for run in trained["runs"] for curve in run["curves"].values())  # no FID while training
+    # filed with the sampler study, apart from the evaluated runs that `compare <output_dir>/runs` reads
+    assert len(list((out / "samplers" / "runs").glob("*.json"))) == 2 and not (out / "runs").exists()
     kept = sorted(path.name for path in work.glob("*/weights/*.safetensors"))
     assert kept == ["step-000003.safetensors"] * 2 + ["step-000006.safetensors"] * 2
     capsys.readouterr()
