@@ -144,8 +144,12 @@ def score_run(run_name: str, method: str, k: int, weights_dir: str, steps: list[
 def markdown(summaries: dict, samplers: list[Sampler], methods: list[str], seeds: list[int], settings, steps,
              num_samples: int, accuracy, machine: str, minutes: float, mean_std) -> str:
     """The study's tables; `mean_std` formats a list of per-seed values (the convergence benchmark's)."""
+    streams = ("the seeds and noise streams of the runs in `../runs` (`--seed_streams overlapping`)"
+               if settings.seed_streams == "overlapping" else "the trainers' seed streams")
     lines = [f"# Sampler study: {settings.family}", "",
-             f"The runs of `docs/convergence/{settings.family}`'s settings, their EMA weights kept at steps {steps} "
+             f"The runs of `docs/convergence/{settings.family}`'s settings (key {settings.key()}: {streams}; "
+             f"{'trained without FID, listed in `runs/`' if not settings.train_eval else 'the evaluated runs'}), "
+             f"their EMA weights kept at steps {steps} "
              f"and scored again with each sampler: FID on classifier features (test accuracy {accuracy:.4f}), "
              f"{num_samples} samples vs {settings.num_reference} training digits, mean ± std over {len(seeds)} "
              f"seed(s) {seeds}. Independent re-noising is stock diffusers; matched re-noising couples every injected "
