@@ -113,10 +113,7 @@ def pairwise_l2(x: torch.Tensor, n: torch.Tensor, cost_dtype: str = "float32") -
 def solve_assignment(cost, solver: str = "auto") -> np.ndarray:
     """Column index assigned to each row that minimises the total cost of a square matrix (exact)."""
     name = resolve_solver(solver)
-    if isinstance(cost, torch.Tensor):
-        cost = cost.detach().cpu()
-        cost = cost.numpy() if cost.dtype in (torch.float32, torch.float64) else cost.double().numpy()
-    cost = np.asarray(cost)
+    cost = _cpu_cost(cost).numpy() if isinstance(cost, torch.Tensor) else np.asarray(cost)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
     if cost.shape[0] <= 1:
@@ -131,6 +128,12 @@ def solve_assignment(cost, solver: str = "auto") -> np.ndarray:
         perm[rows] = cols
         return perm
     return np.asarray(_solver_module("lap").lapjv(reduced, extend_cost=False)[1], dtype=np.int64)
+
+
+def _cpu_cost(cost: torch.Tensor) -> torch.Tensor:
+    """`cost` on the CPU, float32 kept as it is for lapcpp (see _row_reduced), other dtypes as float64."""
+    cost = cost.detach().cpu()
+    return cost if cost.dtype in (torch.float32, torch.float64) else cost.double()
 
 
 def _row_reduced(cost: np.ndarray, keep_float32: bool) -> np.ndarray:
@@ -157,9 +160,7 @@ def group_indices(groups: torch.Tensor) -> list[torch.Tensor]:
 def assignment_permutation(cost: torch.Tensor, groups: torch.Tensor | None = None,
                            solver: str = "auto") -> torch.Tensor:
     """Permutation `perm` (CPU int64) minimising sum_i cost[i, perm[i]], within equal `groups` only."""
-    cost_cpu = cost.detach().cpu()  # float32 stays float32 for lapcpp (see _row_reduced)
-    if cost_cpu.dtype not in (torch.float32, torch.float64):
-        cost_cpu = cost_cpu.double()
+    cost_cpu = _cpu_cost(cost)
     batch = cost_cpu.shape[0]
     if groups is None:
         return torch.from_numpy(solve_assignment(cost_cpu.numpy(), solver))
