@@ -264,6 +264,11 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
     # Scores are kept as they are made: a second invocation samples nothing.
     convergence.main(common + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
     assert not re.search(r"step +\d+ ddpm-2 +FID", capsys.readouterr().out)
+    # One method's runs alone (added to finished vanilla ones later): their scores, no speed-up to compute.
+    alone = [arg if arg != "none" else "linear" for arg in common if arg != "linear"]
+    convergence.main(alone + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
+    table = (out / "samplers" / "results.md").read_text()
+    assert "| sampler | linear |" in table and "Not computed: this invocation holds no vanilla runs" in table
     with pytest.raises(ValueError, match="does not sample the ddim family"):
         convergence.main(common + ["--no_train_eval", "--reevaluate", "cm-2"])
 
