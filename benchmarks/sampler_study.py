@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -165,7 +166,8 @@ def markdown(summaries: dict, samplers: list[Sampler], methods: list[str], seeds
         lines += speed_up_table(summaries, samplers, methods, mean_std)
     else:  # a study of the methods alone, e.g. one method's runs added to finished vanilla ones
         lines.append("Not computed: this invocation holds no vanilla runs (`--methods` without `none`).")
-    lines += ["", f"Machine: {machine}. Wall-clock of this invocation: {minutes:.1f} min.", ""]
+    lines += ["", f"Machine: {machine}. Wall-clock of this invocation: {minutes:.1f} min (scores kept by earlier "
+              "invocations are read, not made again).", ""]
     return "\n".join(lines)
 
 
@@ -194,18 +196,23 @@ def plot(summaries: dict, samplers: list[Sampler], methods: list[str], seeds: li
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(samplers), figsize=(3.6 * len(samplers), 3.6), squeeze=False, sharey=True)
-    for ax, sampler in zip(axes[0], samplers):
+    columns = min(4, len(samplers))
+    rows = -(-len(samplers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(samplers):]:
+        ax.set_visible(False)
+    for ax, sampler in zip(axes.flat, samplers):
         summary = summaries[sampler.name]
         for m in methods:
             values = np.array([summary["fid"][m][s] for s in seeds])
             ax.plot(summary["steps"], values.mean(0), marker="o", markersize=3, label=m)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(sampler.describe(), fontsize=8)
+        ax.set_title(textwrap.fill(sampler.describe(), 40), fontsize=8)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("FID (classifier features)")
+    for row in axes:
+        row[0].set_ylabel("FID (classifier features)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
