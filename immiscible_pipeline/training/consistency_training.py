@@ -65,8 +65,8 @@ class ConsistencyRecipe:
 
     def two_step_timesteps(self, mid_sigma: float = 0.821) -> list[int]:
         """`timesteps=[...]` of the saved pipeline for two steps through the level nearest `mid_sigma`: iCT's
-        CIFAR-10 mid-point, which beat the grid's default (sigma 2.24) for every method on the MNIST demo
-        (docs/sampling.md)."""
+        CIFAR-10 mid-point, best or level against the grid's default (sigma 2.24) for every method once trained, in
+        the MNIST demo and benchmark (docs/sampling.md); worse early in training."""
         scheduler = self.scheduler()
         levels = scheduler.config.num_train_timesteps
 
