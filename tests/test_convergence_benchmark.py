@@ -265,7 +265,8 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
     convergence.main(common + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
     assert not re.search(r"step +\d+ ddpm-2 +FID", capsys.readouterr().out)
     # One method's runs alone (added to finished vanilla ones later): their scores, no speed-up to compute.
-    alone = [arg if arg != "none" else "linear" for arg in common if arg != "linear"]
+    alone = ["--family", "ddim", "--smoke", "--methods", "linear", "--output_dir", str(out), "--work_dir", str(work),
+             "--cache_dir", str(tmp_path / "cache")]
     convergence.main(alone + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
     table = (out / "samplers" / "results.md").read_text()
     assert "| sampler | linear |" in table and "Not computed: this invocation holds no vanilla runs" in table
