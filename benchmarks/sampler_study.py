@@ -162,10 +162,12 @@ def markdown(summaries: dict, samplers: list[Sampler], methods: list[str], seeds
         cells = [mean_std([summary["fid"][m][s][-1] for s in seeds]) for m in methods]
         lines.append(f"| {sampler.describe()} | " + " | ".join(cells) + " |")
     lines += ["", "## Speed-up at equal FID against vanilla with the same sampler", ""]
-    if "none" in methods:
-        lines += speed_up_table(summaries, samplers, methods, mean_std)
-    else:  # a study of the methods alone, e.g. one method's runs added to finished vanilla ones
+    if "none" not in methods:  # a study of the methods alone, e.g. one method's runs added to finished vanilla ones
         lines.append("Not computed: this invocation holds no vanilla runs (`--methods` without `none`).")
+    elif methods == ["none"]:
+        lines.append("Not computed: this invocation holds vanilla runs only (nothing to compare them with).")
+    else:
+        lines += speed_up_table(summaries, samplers, methods, mean_std)
     lines += ["", f"Machine: {machine}. Wall-clock of this invocation: {minutes:.1f} min (scores kept by earlier "
               "invocations are read, not made again).", ""]
     return "\n".join(lines)

@@ -270,6 +270,10 @@ def test_reevaluation_scores_kept_weights_with_other_samplers_without_training_a
     convergence.main(alone + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
     table = (out / "samplers" / "results.md").read_text()
     assert "| sampler | linear |" in table and "Not computed: this invocation holds no vanilla runs" in table
+    vanilla_alone = [("none" if arg == "linear" else arg) for arg in alone]
+    convergence.main(vanilla_alone + ["--no_train_eval", "--reevaluate", "ddpm-2", "--reeval_samples", "12"])
+    table = (out / "samplers" / "results.md").read_text()
+    assert "| sampler | none |" in table and "holds vanilla runs only" in table and "|  |" not in table
     with pytest.raises(ValueError, match="does not sample the ddim family"):
         convergence.main(common + ["--no_train_eval", "--reevaluate", "cm-2"])
 
