@@ -7,7 +7,9 @@ Only what needs a download or a GPU-sized budget is replaced; every other flag i
 - model: the pixel trainers get the tiny 8 px UNet config and --resolution 8, SD gets the tiny SD folder
   and --resolution 16;
 - budget: --max_train_steps 1; evaluation sample counts (--eval_num_samples, --num_samples 2,
-  --samples_per_class 1) and reference counts (12, the folder's size);
+  --samples_per_class 1) and reference counts (12, the folder's size); of the sampler step counts
+  (--eval_inference_steps, --num_inference_steps) the first only: each count's FID costs about 3 s on the
+  2048-d Inception features, and the per-count evaluations are tested with the trainers and `evaluate`;
 - fp16 mixed precision (SD) runs as bf16: this CPU has no fp16 autocast for training.
 The `accelerate launch` options (--multi_gpu --num_processes 4) are not exercised: one process runs here.
 """
@@ -147,6 +149,12 @@ def test_every_training_command_parses_with_its_real_flags(tmp_path, monkeypatch
                 assert args.max_train_steps >= 5000
 
 
+def first_step_count(argv: list[str], flag: str) -> dict:
+    """{flag: its first value} where `argv` gives the flag several sampler step counts, else {}."""
+    values = dict((o[0], o[1:]) for o in options(argv)).get(flag, [])
+    return {flag: values[0]} if len(values) > 1 else {}
+
+
 def in_process_evaluate(argv):
     from immiscible_pipeline.evaluation import cli as evaluate
 
@@ -172,7 +180,7 @@ def test_each_command_runs_one_step_on_tiny_data_and_is_evaluated(title, tmp_pat
         if command[0] == "accelerate":
             script, argv = split_launch(command)
             changes = {"--dataset_name": None, "--image_column": None, "--train_data_dir": data,
-                       "--max_train_steps": 1}
+                       "--max_train_steps": 1, **first_step_count(argv, "--eval_inference_steps")}
             if stable_diffusion:
                 changes.update({"--pretrained_model_name_or_path": tiny_sd, "--resolution": 16})
                 if "fp16" in argv:
@@ -188,7 +196,8 @@ def test_each_command_runs_one_step_on_tiny_data_and_is_evaluated(title, tmp_pat
             ran["train"] += 1
         elif command[:3] == ["python", "-m", "immiscible_pipeline.evaluate"]:
             changes = {"--reference": data, "--reference_image_column": None, "--reference_split": None,
-                       "--num_reference": 12, "--num_samples": 2}
+                       "--num_reference": 12, "--num_samples": 2,
+                       **first_step_count(command[3:], "--num_inference_steps")}
             if "--samples_per_class" in command:
                 changes["--samples_per_class"] = 1
             result = in_process_evaluate(replaced(command[3:], changes))
